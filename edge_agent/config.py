@@ -1,0 +1,177 @@
+"""Daemon configuration: one pydantic model from a TOML file, ``EDGE_AGENT_*`` env and flags.
+
+Precedence, highest first: command-line flags, environment (``EDGE_AGENT_PORT``,
+nested with ``__`` as in ``EDGE_AGENT_LOGS__MAX_BYTES``), the TOML file, defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "ki": 1024,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from ``1048576``, ``"512Mi"`` or ``"10Gi"`` (Kubernetes-style units)."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (use bytes or units like 512Mi, 10Gi)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LogSettings(_Section):
+    enabled: bool = True
+    # Storage cap for the local inference log; LOCAL_INFERENCE_STORAGE is accepted too.
+    max_bytes: int = 1024**3
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        return parse_size(value)
+
+
+class UploadSettings(_Section):
+    url: str | None = None
+    token: str | None = None
+    batch_records: int = Field(default=500, ge=1)
+    batch_age_s: float = Field(default=5.0, gt=0)
+    max_backoff_s: float = Field(default=300.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything the daemon is started with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGE_AGENT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    pipeline: str = Field(default="edge-llm", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    # A manifest path, or the name of one in the models directories.
+    model: str = DEFAULT_MODEL
+    backend: Literal["auto", "llamacpp", "vllm"] = "auto"
+    # Overrides the manifest's [openai] enabled flag: off serves the native /infer instead.
+    openai_enabled: bool | None = None
+    threads: int | None = Field(default=None, ge=1)
+    # Tokens per sequence; None takes the manifest's context length.
+    context_size: int | None = Field(default=None, ge=64)
+    parallel: int = Field(default=4, ge=1, le=64)
+    max_queue: int = Field(default=64, ge=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Prompt-prefix reuse across requests on a sequence slot (see engine docs).
+    prefix_cache: bool = True
+    state_dir: Path = Path("/var/lib/edge-agent")
+    auth_token: str | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    logs: LogSettings = LogSettings()
+    upload: UploadSettings = UploadSettings()
+
+    @field_validator("max_request_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        return parse_size(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _active_config_file
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+# The TOML file for the Settings being built; set only inside load_settings.
+_active_config_file: Path | None = None
+
+
+class ConfigError(Exception):
+    """A configuration that cannot start the daemon; the message is one line."""
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "config"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{source}: {where}: {first['msg']}{more}"
+
+
+def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from file, environment and explicit overrides (None means unset)."""
+    global _active_config_file
+    path = config_path
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with path.open("rb") as handle:
+                tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    given = {key: value for key, value in overrides.items() if value is not None}
+    storage = os.environ.get("LOCAL_INFERENCE_STORAGE")
+    try:
+        _active_config_file = path
+        settings = Settings(**given)
+        if storage and "EDGE_AGENT_LOGS__MAX_BYTES" not in os.environ:
+            settings.logs.max_bytes = parse_size(storage)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, str(path) if path else "settings")) from None
+    except ValueError as exc:
+        raise ConfigError(f"LOCAL_INFERENCE_STORAGE: {exc}") from None
+    finally:
+        _active_config_file = None
+    return settings

