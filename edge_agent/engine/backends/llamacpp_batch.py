@@ -1,0 +1,302 @@
+"""The llama.cpp decode loop: continuous batching of many sequences in one context.
+
+One thread owns the llama.cpp context. Each step it drops cancelled sequences,
+admits waiting ones into free slots, packs one token per generating sequence and
+a bounded slice of pending prompt tokens into a single batch, decodes it, samples
+every sequence that produced logits, and hands the step's token events to the
+event loop in one call.
+
+Determinism: the context keeps one KV stream per slot (``kv_unified = false``), so
+a sequence's cache cells start at position 0 of its own stream whatever its
+neighbours do, and llama.cpp's CPU kernels compute each token's column
+independently of the others in a batch. Prompts are prefilled in chunks aligned
+to ``PREFILL_CHUNK`` positions, so a prompt is split the same way whether a
+prefix of it was cached or not. The tests hold all of this to the contract:
+at temperature 0, alone, batched or cached, the text is the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+import structlog
+
+from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, logprobs_of
+from edge_agent.engine.types import (
+    BackendError,
+    GenerationRequest,
+    TokenEvent,
+    TopLogprob,
+)
+
+log = structlog.get_logger(__name__)
+
+PREFILL_CHUNK = 64
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """One request's sequence, shared by the event loop (sink, cancelled) and the decode thread."""
+
+    request: GenerationRequest
+    sampler: SamplerChain
+    deliver: Callable[[list[TokenEvent] | BaseException], None]
+    cancelled: bool = False
+    slot: int = -1
+    n_past: int = 0  # cells of this sequence written in its KV stream
+    prompt_cursor: int = 0  # next prompt token to prefill
+    generated: int = 0
+    last_token: int = -1
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prompt_cursor < len(self.request.prompt_tokens)
+
+
+@dataclass
+class Slot:
+    """A KV stream and what it holds, kept after a sequence ends for prefix reuse."""
+
+    index: int
+    cached: list[int] = field(default_factory=list)
+    busy: bool = False
+
+
+class DecodeLoop:
+    """Owns the llama.cpp context on a thread of its own; thread-safe ``submit``."""
+
+    def __init__(
+        self,
+        *,
+        ctx: Any,
+        vocab: Any,
+        n_vocab: int,
+        n_slots: int,
+        n_ctx_seq: int,
+        n_batch: int,
+        prefix_cache: bool,
+        token_bytes: Callable[[int], bytes],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._vocab = vocab
+        self._n_vocab = n_vocab
+        self._n_ctx_seq = n_ctx_seq
+        self._n_batch = n_batch
+        self._prefix_cache = prefix_cache
+        self._token_bytes = token_bytes
+        self._loop = loop
+        self._slots = [Slot(i) for i in range(n_slots)]
+        self._inbox: queue.SimpleQueue[SequenceState | None] = queue.SimpleQueue()
+        self._waiting: deque[SequenceState] = deque()
+        self._active: list[SequenceState] = []
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._thread = threading.Thread(target=self._run, name="llamacpp-decode", daemon=True)
+        self._stopping = False
+        self.steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, sequence: SequenceState) -> None:
+        self._inbox.put(sequence)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+        llama_cpp.llama_batch_free(self._batch)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(slot.busy for slot in self._slots)
+
+    # --- the decode thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._take_inbox(block=not self._active and not self._waiting)
+            self._drop_cancelled()
+            self._admit()
+            if not self._active:
+                continue
+            try:
+                self._step()
+            except BaseException as exc:  # a failed decode fails its sequences, not the daemon
+                log.error("decode_failed", error=str(exc))
+                for sequence in self._active:
+                    self._finish(sequence, error=BackendError(f"llama.cpp decode failed: {exc}"))
+                self._active.clear()
+
+    def _take_inbox(self, *, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    self._stopping = True
+                    return
+                self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(sequence)
+            sequence.sampler.free()
+        for sequence in [s for s in self._active if s.cancelled]:
+            self._active.remove(sequence)
+            self._release(sequence)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            free = [slot for slot in self._slots if not slot.busy]
+            if not free:
+                return
+            sequence = self._waiting.popleft()
+            slot, reuse = self._pick_slot(free, sequence.request.prompt_tokens)
+            slot.busy = True
+            # Keep the reused prefix's cells, drop the rest of what the slot held.
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.index, reuse, -1)
+            del slot.cached[reuse:]
+            sequence.slot = slot.index
+            sequence.n_past = reuse
+            sequence.prompt_cursor = reuse
+            self._active.append(sequence)
+
+    def _pick_slot(self, free: list[Slot], prompt: Sequence[int]) -> tuple[Slot, int]:
+        """The free slot holding the longest reusable prefix of prompt, and that length."""
+        if not self._prefix_cache:
+            return free[0], 0
+        best, best_len = free[0], 0
+        for slot in free:
+            common = _common_prefix(slot.cached, prompt)
+            if common > best_len:
+                best, best_len = slot, common
+        # Reuse whole prefill chunks only, and always leave one prompt token to decode
+        # so the sequence gets fresh logits for its first sample.
+        usable = min(best_len, len(prompt) - 1)
+        usable -= usable % PREFILL_CHUNK
+        if usable == 0:
+            # Prefer a slot whose cache nobody is likely to want: the emptiest one.
+            best = min(free, key=lambda s: len(s.cached)) if best_len == 0 else best
+        return best, usable
+
+    def _step(self) -> None:
+        batch = self._batch
+        n = 0
+        sampled: list[tuple[SequenceState, int]] = []
+        generating = [s for s in self._active if not s.prefilling]
+        for sequence in generating:
+            self._put(n, sequence.last_token, sequence.n_past, sequence.slot, True)
+            sampled.append((sequence, n))
+            n += 1
+        # Prompt work per step is bounded while other sequences stream, so a long
+        # prompt arriving adds at most one chunk's cost to their next token.
+        budget = self._n_batch - n
+        if generating:
+            budget = min(budget, PREFILL_CHUNK)
+        for sequence in self._active:
+            if not sequence.prefilling or budget <= 0:
+                continue
+            prompt = sequence.request.prompt_tokens
+            while sequence.prefilling and budget > 0:
+                start = sequence.prompt_cursor
+                chunk_end = min(len(prompt), (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+                if chunk_end - start > budget:
+                    break  # never split an aligned chunk across steps
+                for position in range(start, chunk_end):
+                    last = position == len(prompt) - 1
+                    self._put(n, prompt[position], position, sequence.slot, last)
+                    if last:
+                        sampled.append((sequence, n))
+                    n += 1
+                budget -= chunk_end - start
+                sequence.prompt_cursor = chunk_end
+                sequence.n_past = chunk_end
+                self._slots[sequence.slot].cached.extend(prompt[start:chunk_end])
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise BackendError(f"llama_decode returned {status}")
+        self.steps += 1
+        for sequence in generating:
+            self._slots[sequence.slot].cached.append(sequence.last_token)
+            sequence.n_past += 1
+        outbox: list[tuple[SequenceState, list[TokenEvent]]] = []
+        for sequence, index in sampled:
+            event = self._sample(sequence, index)
+            outbox.append((sequence, [event]))
+            if event.finish_reason is not None:
+                self._active.remove(sequence)
+                self._release(sequence)
+        if outbox:
+            self._loop.call_soon_threadsafe(_dispatch, outbox)
+
+    def _put(self, i: int, token: int, position: int, seq: int, logits: bool) -> None:
+        batch = self._batch
+        batch.token[i] = token
+        batch.pos[i] = position
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+
+    def _sample(self, sequence: SequenceState, index: int) -> TokenEvent:
+        params = sequence.request.params
+        token = sequence.sampler.sample(self._ctx, index)
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            tail = sequence.decoder.decode(b"", final=True)
+            return TokenEvent(token_id=None, text=tail, finish_reason="stop")
+        logprob: float | None = None
+        top: tuple[TopLogprob, ...] = ()
+        if params.logprobs is not None:
+            logprob, best = logprobs_of(self._ctx, index, self._n_vocab, token, params.logprobs)
+            top = tuple(
+                TopLogprob(self._token_bytes(t).decode("utf-8", errors="replace"), lp)
+                for t, lp in best
+            )
+        sequence.generated += 1
+        # Its KV cell is written when it is fed back in the next step, at position n_past.
+        sequence.last_token = token
+        text = sequence.decoder.decode(self._token_bytes(token))
+        finish = None
+        if sequence.generated >= params.max_tokens or sequence.n_past >= self._n_ctx_seq:
+            finish = "length"
+            text += sequence.decoder.decode(b"", final=True)
+        return TokenEvent(token, text, finish, logprob, top)
+
+    def _release(self, sequence: SequenceState) -> None:
+        # slot.cached lists exactly the cells written, so it stays valid for prefix reuse.
+        self._slots[sequence.slot].busy = False
+        sequence.sampler.free()
+
+    def _finish(self, sequence: SequenceState, *, error: BaseException) -> None:
+        self._release(sequence)
+        self._loop.call_soon_threadsafe(sequence.deliver, error)
+
+
+def _dispatch(outbox: list[tuple[SequenceState, list[TokenEvent]]]) -> None:
+    for sequence, events in outbox:
+        sequence.deliver(events)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

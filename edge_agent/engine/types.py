@@ -1,0 +1,135 @@
+"""The backend protocol: what the engine asks of llama.cpp or vLLM, and what comes back.
+
+A backend turns prompt token ids plus sampling parameters into a stream of
+``TokenEvent``. It knows nothing of HTTP, SSE or OpenAI JSON; stop strings,
+timing and response shapes live above it so every backend behaves the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the generated text: any JSON object, or JSON matching a schema."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema_json: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Effective sampling parameters for one sequence (request over model defaults)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k cut
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    # None: no logprobs; 0: the chosen token's only; k: also the k most likely alternatives.
+    logprobs: int | None = None
+    structured_output: StructuredOutput | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_tokens: Sequence[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token, or the bare end of a sequence.
+
+    ``token_id`` is None only for an end that produced no token (end-of-sequence):
+    that event carries ``finish_reason="stop"`` and empty text, and is not counted
+    as a completion token. ``text`` may be empty while a multi-byte character is
+    still incomplete; its bytes arrive with a later token.
+    """
+
+    token_id: int | None
+    text: str
+    finish_reason: FinishReason | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    name: Literal["llamacpp", "vllm"]
+    context_length: int  # tokens per sequence
+    parallel: int  # sequences decoded together
+    vocab_size: int = 0
+    detail: str = ""
+
+
+class BackendError(RuntimeError):
+    """A backend failed while loading or generating."""
+
+
+class UnsupportedParameter(ValueError):
+    """The backend cannot honour a request parameter; ``param`` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the scheduler needs of an inference backend."""
+
+    @property
+    def info(self) -> BackendInfo: ...
+
+    async def start(self) -> None:
+        """Load the model. Long-running; the server already listens meanwhile."""
+
+    async def close(self) -> None:
+        """Stop generating and release the model."""
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids for text; ``add_special`` adds BOS/EOS as the model wants,
+        ``parse_special`` reads special tokens spelled as text (rendered chat templates)."""
+
+    def detokenize(self, token_ids: Sequence[int]) -> str: ...
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """Apply the model's own chat template, ending with the assistant's turn opened."""
+
+    def check_supported(self, params: SamplingParams) -> None:
+        """Raise UnsupportedParameter for anything this backend cannot honour."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream the sequence's tokens; the last event carries ``finish_reason``.
+
+        Closing the iterator early (``aclose``) cancels the sequence: its slot is
+        free again within one decode step.
+        """
