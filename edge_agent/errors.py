@@ -1,0 +1,128 @@
+"""One exception per error row of CONTRACT.md section 4, and the OpenAI envelope they render to."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+OPENAI_OFF_MESSAGE = (
+    "Inference failed. Please apply the appropriate OpenAI configurations to the models "
+    "deployed in this pipeline. For additional help contact support@wallaroo.ai or your "
+    "Wallaroo technical representative."
+)
+OPENAI_ON_MESSAGE = (
+    "Inference failed. Please apply the appropriate OpenAI extensions to the inference "
+    "endpoint. For additional help contact support@wallaroo.ai or your Wallaroo technical "
+    "representative."
+)
+
+
+class ApiError(Exception):
+    """An error a client sees: HTTP status plus the OpenAI error envelope."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(ApiError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    def __init__(self, message: str, *, param: str | None = "messages") -> None:
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class OpenAIDisabled(InvalidRequest):
+    def __init__(self) -> None:
+        super().__init__(OPENAI_OFF_MESSAGE)
+
+
+class OpenAIEnabled(InvalidRequest):
+    def __init__(self) -> None:
+        super().__init__(OPENAI_ON_MESSAGE)
+
+
+class BodyTooLarge(ApiError):
+    status = 413
+    error_type = "invalid_request_error"
+
+
+class AuthenticationFailed(ApiError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class NotFound(ApiError):
+    status = 404
+    error_type = "invalid_request_error"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    error_type = "invalid_request_error"
+
+
+class QueueFull(ApiError):
+    status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class ModelNotReady(ApiError):
+    status = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(
+            message, code="model_not_ready", headers={"Retry-After": str(retry_after_s)}
+        )
+
+
+class ShuttingDown(ApiError):
+    status = 503
+    error_type = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the daemon is shutting down", code="shutting_down", headers={"Retry-After": "5"}
+        )
+
+
+class DeadlineExceeded(ApiError):
+    status = 504
+    error_type = "server_error"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"request exceeded its deadline of {seconds:g}s", code="timeout")
+
+
+class InternalError(ApiError):
+    status = 500
+    error_type = "server_error"

@@ -1,0 +1,94 @@
+"""The aiohttp application: routes, middleware, and the model loading behind a listening port."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiohttp import web
+
+from edge_agent.config import Settings
+from edge_agent.engine.scheduler import Scheduler
+from edge_agent.engine.types import Backend
+from edge_agent.manifest import ModelManifest
+from edge_agent.server import edge_routes, native_routes, openai_routes
+from edge_agent.server.middleware import bearer_token, errors_as_envelopes
+from edge_agent.server.openai_requests import validate_defaults
+from edge_agent.server.state import STATE_KEY, AppState, DiscardingSink, RecordSink
+
+log = structlog.get_logger(__name__)
+
+_LOADER_KEY = web.AppKey("edge_agent_loader", asyncio.Task[None])
+
+
+def create_app(
+    settings: Settings,
+    manifest: ModelManifest,
+    backend: Backend,
+    *,
+    records: RecordSink | None = None,
+) -> web.Application:
+    """The daemon's app; the model loads in the background once the app starts."""
+    if settings.openai_enabled is not None:
+        manifest = manifest.model_copy(
+            update={
+                "openai": manifest.openai.model_copy(update={"enabled": settings.openai_enabled})
+            }
+        )
+    validate_defaults(manifest.openai.completion_config, "openai.completion_config")
+    validate_defaults(manifest.openai.chat_config, "openai.chat_config")
+    app = web.Application(
+        client_max_size=settings.max_request_bytes,
+        middlewares=[errors_as_envelopes, bearer_token],
+    )
+    scheduler = Scheduler(
+        backend, max_queue=settings.max_queue, request_timeout_s=settings.request_timeout_s
+    )
+    app[STATE_KEY] = AppState(
+        settings=settings,
+        manifest=manifest,
+        backend=backend,
+        scheduler=scheduler,
+        records=records or DiscardingSink(),
+    )
+    prefix = openai_routes.PREFIX
+    app.router.add_post(f"{prefix}/completions", openai_routes.completions)
+    app.router.add_post(f"{prefix}/chat/completions", openai_routes.chat_completions)
+    app.router.add_get(f"{prefix}/models", openai_routes.list_models)
+    app.router.add_post("/infer", native_routes.infer)
+    app.router.add_post("/pipelines/{pipeline}", native_routes.pipeline_infer)
+    app.router.add_get("/pipelines", edge_routes.pipelines)
+    app.router.add_get("/models", edge_routes.models)
+    app.router.add_get("/healthz", edge_routes.healthz)
+    app.router.add_get("/readyz", edge_routes.readyz)
+    app.router.add_get("/metrics", edge_routes.metrics)
+    app.on_startup.append(_start_loading)
+    app.on_cleanup.append(_unload)
+    return app
+
+
+async def _start_loading(app: web.Application) -> None:
+    app[_LOADER_KEY] = asyncio.create_task(_load(app[STATE_KEY]))
+
+
+async def _load(state: AppState) -> None:
+    try:
+        await state.backend.start()
+    except Exception as exc:
+        state.status, state.status_detail = "Error", f"model failed to load: {exc}"
+        log.error("model_load_failed", error=str(exc))
+        return
+    state.status, state.status_detail = "Running", "ready"
+    log.info("model_ready", model=state.manifest.name, backend=state.backend.info.name)
+
+
+async def wait_until_loaded(app: web.Application) -> None:
+    await asyncio.shield(app[_LOADER_KEY])
+
+
+async def _unload(app: web.Application) -> None:
+    loader = app[_LOADER_KEY]
+    if not loader.done():
+        loader.cancel()
+    state = app[STATE_KEY]
+    await state.backend.close()

@@ -1,0 +1,73 @@
+"""Every failure leaves as the OpenAI error envelope: never an HTML page or a traceback."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from edge_agent.errors import (
+    ApiError,
+    AuthenticationFailed,
+    BodyTooLarge,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+)
+from edge_agent.server.state import state_of
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Inference paths need the bearer token when one is configured; health and metrics stay open.
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.yaml"})
+
+
+def error_response(error: ApiError) -> web.Response:
+    return web.json_response(error.envelope(), status=error.status, headers=error.headers)
+
+
+@web.middleware
+async def errors_as_envelopes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error_response(error)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(BodyTooLarge(f"request body is larger than {exc.max_size} bytes"))
+    except web.HTTPMethodNotAllowed as exc:
+        error = MethodNotAllowed(
+            f"method {request.method} is not allowed on {request.path}",
+            headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
+        )
+        return error_response(error)
+    except web.HTTPNotFound:
+        return error_response(NotFound(f"no such path: {request.path}"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_http_error(exc))
+    except Exception:
+        log.exception("unhandled_error", path=request.path)
+        return error_response(InternalError("internal error; the daemon logged the details"))
+
+
+def _http_error(exc: web.HTTPException) -> ApiError:
+    error = InvalidRequest(exc.reason or "bad request")
+    error.status = exc.status  # type: ignore[misc]
+    return error
+
+
+@web.middleware
+async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = state_of(request).settings.auth_token
+    if token and request.path not in _OPEN_PATHS:
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
+            raise AuthenticationFailed("missing or wrong bearer token")
+    return await handler(request)

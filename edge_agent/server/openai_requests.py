@@ -1,0 +1,238 @@
+"""From a validated OpenAI request to engine work: effective parameters, prompts, token ids."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from edge_agent.engine.types import (
+    Backend,
+    ChatMessage,
+    GenerationRequest,
+    SamplingParams,
+    StructuredOutput,
+    UnsupportedParameter,
+)
+from edge_agent.errors import ContextLengthExceeded, InvalidRequest
+from edge_agent.protocol import (
+    SAMPLING_FIELDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+
+Endpoint = Literal["completions", "chat/completions"]
+
+
+@dataclass
+class PreparedRequest:
+    """Everything the response writer and the inference log need about one request."""
+
+    endpoint: Endpoint
+    request_id: str
+    params: dict[str, Any]  # effective parameters, as logged
+    sequences: list[GenerationRequest]  # one per choice
+    prompt_texts: list[str]  # per choice, for echo
+    prompt_tokens: int
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+    echo: bool
+
+
+def parse_request(endpoint: Endpoint, raw: bytes) -> CompletionRequest | ChatCompletionRequest:
+    model = CompletionRequest if endpoint == "completions" else ChatCompletionRequest
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _as_invalid_request(exc) from None
+
+
+def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":
+        return InvalidRequest(f"request body is not valid JSON: {first['msg']}")
+    if first["type"] == "model_type":
+        return InvalidRequest("request body must be a JSON object")
+    # Union members add their type name to the location: keep the field path only.
+    parts = [p for p in first["loc"] if isinstance(p, int) or p[:1].islower()]
+    param = ""
+    for part in parts:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else part)
+    message = first["msg"]
+    if first["type"] == "missing":
+        message = "field required"
+    return InvalidRequest(f"{param}: {message}" if param else message, param=param or None)
+
+
+def validate_defaults(defaults: dict[str, Any], where: str) -> None:
+    """Fail the start on a model default that a request could not carry either."""
+    try:
+        SamplingFields.model_validate_json(json.dumps(defaults))
+    except ValidationError as exc:
+        raise ValueError(f"{where}: {_as_invalid_request(exc).message}") from None
+
+
+def _refuse_unsupported(request: CompletionRequest | ChatCompletionRequest) -> None:
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequest(
+            "stream_options: only allowed when stream is true", param="stream_options"
+        )
+    if isinstance(request, CompletionRequest):
+        if request.suffix:
+            raise InvalidRequest("suffix: not supported by this model", param="suffix")
+        if request.best_of not in (None, 1, request.n or 1):
+            raise InvalidRequest("best_of: only best_of equal to n is supported", param="best_of")
+    else:
+        if request.tools or request.functions:
+            param = "tools" if request.tools else "functions"
+            raise InvalidRequest(f"{param}: tool calling is not supported", param=param)
+        if request.tool_choice not in (None, "none"):
+            raise InvalidRequest("tool_choice: tool calling is not supported", param="tool_choice")
+
+
+def effective_params(
+    request: CompletionRequest | ChatCompletionRequest, defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """The model's configured defaults overridden by what the request set."""
+    given = request.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True, by_alias=True)
+    if isinstance(request, ChatCompletionRequest) and request.max_tokens is None:
+        if request.max_completion_tokens is not None:
+            given["max_tokens"] = request.max_completion_tokens
+    return {**defaults, **given}
+
+
+async def prepare(
+    endpoint: Endpoint,
+    request: CompletionRequest | ChatCompletionRequest,
+    *,
+    request_id: str,
+    backend: Backend,
+    defaults: dict[str, Any],
+) -> PreparedRequest:
+    _refuse_unsupported(request)
+    params = effective_params(request, defaults)
+    explicit_max = "max_tokens" in request.model_fields_set or (
+        isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None
+    )
+    prompts = await asyncio.to_thread(_prompts_as_tokens, request, backend)
+    info = backend.info
+    window = info.context_length
+    n = int(params.get("n", 1))
+    logprobs = _logprobs_wanted(request)
+    sequences: list[GenerationRequest] = []
+    prompt_texts: list[str] = []
+    total_prompt = 0
+    for prompt_index, (text, tokens) in enumerate(prompts):
+        if not tokens:
+            raise InvalidRequest("prompt: must not be empty", param=_prompt_param(request))
+        if info.vocab_size and any(not 0 <= t < info.vocab_size for t in tokens):
+            raise InvalidRequest("prompt: token id outside the vocabulary", param="prompt")
+        room = window - len(tokens)
+        wanted = int(params.get("max_tokens") or room)
+        if room <= 0 or (explicit_max and wanted > room):
+            raise ContextLengthExceeded(
+                f"this model's context window is {window} tokens; the prompt has "
+                f"{len(tokens)} and max_tokens asks for {wanted if explicit_max else 0} more",
+                param="max_tokens" if room > 0 else _prompt_param(request),
+            )
+        max_tokens = min(wanted, room)
+        total_prompt += len(tokens)
+        for choice in range(n):
+            sampling = _sampling_params(params, max_tokens, logprobs, choice)
+            try:
+                backend.check_supported(sampling)
+            except UnsupportedParameter as exc:
+                raise InvalidRequest(str(exc), param=exc.param) from None
+            sequences.append(
+                GenerationRequest(f"{request_id}-{prompt_index}-{choice}", tokens, sampling)
+            )
+            prompt_texts.append(text)
+    stop = params.get("stop")
+    return PreparedRequest(
+        endpoint=endpoint,
+        request_id=request_id,
+        params=params,
+        sequences=sequences,
+        prompt_texts=prompt_texts,
+        prompt_tokens=total_prompt,
+        stops=[stop] if isinstance(stop, str) else list(stop or []),
+        stream=request.stream,
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        logprobs=logprobs,
+        echo=bool(getattr(request, "echo", False)),
+    )
+
+
+def _prompt_param(request: CompletionRequest | ChatCompletionRequest) -> str:
+    return "prompt" if isinstance(request, CompletionRequest) else "messages"
+
+
+def _logprobs_wanted(request: CompletionRequest | ChatCompletionRequest) -> int | None:
+    if isinstance(request, CompletionRequest):
+        return request.logprobs
+    if request.logprobs:
+        return request.top_logprobs or 0
+    if request.top_logprobs:
+        raise InvalidRequest("top_logprobs: requires logprobs to be true", param="top_logprobs")
+    return None
+
+
+def _prompts_as_tokens(
+    request: CompletionRequest | ChatCompletionRequest, backend: Backend
+) -> list[tuple[str, list[int]]]:
+    if isinstance(request, ChatCompletionRequest):
+        messages = [ChatMessage(m.role, m.text()) for m in request.messages]
+        try:
+            text = backend.render_chat(messages)
+        except UnsupportedParameter as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+        return [(text, backend.tokenize(text, add_special=False, parse_special=True))]
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return [(prompt, backend.tokenize(prompt, add_special=True, parse_special=False))]
+    if all(isinstance(p, int) for p in prompt):
+        ids = [int(p) for p in prompt]  # type: ignore[arg-type]
+        return [(backend.detokenize(ids), ids)]
+    out: list[tuple[str, list[int]]] = []
+    for item in prompt:
+        if isinstance(item, str):
+            out.append((item, backend.tokenize(item, add_special=True, parse_special=False)))
+        else:
+            ids = list(item)  # type: ignore[arg-type]
+            out.append((backend.detokenize(ids), ids))
+    return out
+
+
+def _sampling_params(
+    params: dict[str, Any], max_tokens: int, logprobs: int | None, choice: int
+) -> SamplingParams:
+    seed = params.get("seed")
+    response_format = params.get("response_format") or {}
+    structured = None
+    if response_format.get("type") == "json_object":
+        structured = StructuredOutput("json_object")
+    elif response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        structured = StructuredOutput("json_schema", json.dumps(schema))
+    top_k = int(params.get("top_k", 0))
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(params.get("temperature", 1.0)),
+        top_p=float(params.get("top_p", 1.0)),
+        top_k=0 if top_k < 0 else top_k,
+        min_p=float(params.get("min_p", 0.0)),
+        # Choices of one request differ from each other, yet repeat with the same seed.
+        seed=None if seed is None else int(seed) + choice,
+        presence_penalty=float(params.get("presence_penalty", 0.0)),
+        frequency_penalty=float(params.get("frequency_penalty", 0.0)),
+        repetition_penalty=float(params.get("repetition_penalty", 1.0)),
+        logit_bias={int(k): float(v) for k, v in (params.get("logit_bias") or {}).items()},
+        logprobs=logprobs,
+        structured_output=structured,
+    )

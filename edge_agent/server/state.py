@@ -1,0 +1,53 @@
+"""What the routes share: settings, the model, the backend and scheduler, and the record sink."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from aiohttp import web
+
+from edge_agent.config import Settings
+from edge_agent.engine.scheduler import Scheduler
+from edge_agent.engine.types import Backend
+from edge_agent.manifest import ModelManifest
+
+ModelStatus = Literal["Loading", "Running", "Error"]
+
+
+class RecordSink(Protocol):
+    """Where inference records go; ``append`` returns once the record is durable."""
+
+    async def append(self, record: dict[str, Any]) -> None: ...
+
+
+class DiscardingSink:
+    """For a daemon run with the inference log switched off."""
+
+    async def append(self, record: dict[str, Any]) -> None:
+        return None
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    manifest: ModelManifest
+    backend: Backend
+    scheduler: Scheduler
+    records: RecordSink = field(default_factory=DiscardingSink)
+    status: ModelStatus = "Loading"
+    status_detail: str = "model is loading"
+    started_at: float = field(default_factory=time.time)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "Running" and not self.scheduler.draining
+
+
+STATE_KEY = web.AppKey("edge_agent_state", AppState)
+
+
+def state_of(request: web.Request) -> AppState:
+    return request.app[STATE_KEY]
