@@ -12,11 +12,14 @@ from edge_agent.logbook.store import (
     LogStore,
     new_record_id,
 )
+from edge_agent.logbook.uploader import Uploader, UploadStats
 
 __all__ = [
     "DB_FILENAME",
     "MAX_READ_LIMIT",
     "LogStore",
     "LogbookStats",
+    "UploadStats",
+    "Uploader",
     "new_record_id",
 ]
