@@ -372,7 +372,7 @@ class LogStore:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            self._process(jobs)
+            self._process_safely(jobs)
         # Jobs queued after the stop marker (a racing append) still get committed.
         leftovers: list[_Job] = []
         while True:
@@ -382,11 +382,30 @@ class LogStore:
                 break
             if isinstance(item, _Job):
                 leftovers.append(item)
-        self._process(leftovers)
+        self._process_safely(leftovers)
         try:
             self._conn.close()
         except sqlite3.Error:
             pass
+
+    def _process_safely(self, jobs: list[_Job]) -> None:
+        """Never let the writer thread die: a dead writer would hang every request."""
+        try:
+            self._process(jobs)
+        except Exception as exc:
+            log.exception("logbook.writer_error", error=str(exc))
+            if self._conn is not None:
+                _rollback(self._conn)
+            for job in jobs:
+                future = job.future
+                if future.done():
+                    continue
+                if future.running() or future.set_running_or_notify_cancel():
+                    if job.row is not None:
+                        self._note_failure(1, exc)
+                        future.set_result(None)
+                    else:
+                        future.set_exception(exc)
 
     def _process(self, jobs: list[_Job]) -> None:
         """Run jobs in arrival order; consecutive appends share one transaction."""
