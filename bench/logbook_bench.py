@@ -1,0 +1,126 @@
+"""What durable inference logging costs: added latency per request and sustained appends/s.
+
+    .venv/bin/python bench/logbook_bench.py [--dir DIR] [--seconds 3] [--size 2000]
+
+Latency: the same simulated request (build a completion response, serialise it) with
+logging off and on, interleaved so drift hits both alike; "added" is on minus off.
+Throughput: N concurrent appenders for a few seconds each; group commit should make
+records/s grow with N while every append still waits for its own fsync'd commit.
+Run it on the box's real state disk: fsync cost is the whole story.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from edge_agent.logbook import LogStore, new_record_id
+
+
+def make_request_record(size: int) -> dict[str, Any]:
+    response = {
+        "id": "cmpl-" + "0" * 32,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": "bench",
+        "choices": [{"index": 0, "text": "y" * size, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 27, "completion_tokens": 100, "total_tokens": 127},
+    }
+    return {
+        "id": new_record_id(),
+        "time": int(time.time() * 1000),
+        "pipeline": "edge-llm",
+        "model": {"name": "bench", "version": "1", "sha": "0" * 64},
+        "endpoint": "completions",
+        "in": {"prompt": "x" * 200, "max_tokens": 100},
+        "out": {"json": json.dumps(response)},
+        "params": {"max_tokens": 100, "temperature": 0.0},
+        "metrics": {"ttft": 0.02, "tps": 90.0, "prompt_tokens": 27, "completion_tokens": 100},
+        "status": "ok",
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def latency(store: LogStore, requests: int, size: int) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {"off": [], "on": []}
+    for n in range(requests * 2):
+        mode = "on" if n % 2 else "off"
+        start = time.perf_counter()
+        record = make_request_record(size)  # the request's own work, both modes
+        if mode == "on":
+            await store.append(record)
+        samples[mode].append(time.perf_counter() - start)
+    return samples
+
+
+async def throughput(
+    store: LogStore, appenders: int, seconds: float, size: int
+) -> tuple[float, float]:
+    before = store.stats()
+    stop = time.perf_counter() + seconds
+
+    async def appender() -> None:
+        while time.perf_counter() < stop:
+            await store.append(make_request_record(size))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(appender() for _ in range(appenders)))
+    elapsed = time.perf_counter() - start
+    after = store.stats()
+    appended = after.appended_total - before.appended_total
+    commits = max(1, after.commits - before.commits)
+    return appended / elapsed, appended / commits
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=None, help="state dir (default: a temp dir)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per concurrency level")
+    parser.add_argument("--size", type=int, default=2000, help="completion text bytes")
+    parser.add_argument("--requests", type=int, default=1000, help="latency samples per mode")
+    parser.add_argument("--appenders", default="1,4,16,64,256")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        store = LogStore(Path(tmp) / "logbook.db", registry=CollectorRegistry())
+        try:
+            await latency(store, 50, args.size)  # warm up
+            samples = await latency(store, args.requests, args.size)
+            off, on = samples["off"], samples["on"]
+            ms = 1000.0
+            print(
+                f"record ~{len(json.dumps(make_request_record(args.size)))} bytes, "
+                f"{args.requests} requests per mode, one appender"
+            )
+            print(f"{'':12}{'median ms':>12}{'p99 ms':>12}")
+            print(
+                f"{'logging off':12}{statistics.median(off) * ms:12.3f}{pct(off, 0.99) * ms:12.3f}"
+            )
+            print(f"{'logging on':12}{statistics.median(on) * ms:12.3f}{pct(on, 0.99) * ms:12.3f}")
+            print(
+                f"{'added':12}{(statistics.median(on) - statistics.median(off)) * ms:12.3f}"
+                f"{(pct(on, 0.99) - pct(off, 0.99)) * ms:12.3f}"
+            )
+            print()
+            print(f"{'appenders':>10}{'records/s':>12}{'per commit':>12}")
+            for appenders in (int(a) for a in args.appenders.split(",")):
+                rate, per_commit = await throughput(store, appenders, args.seconds, args.size)
+                print(f"{appenders:>10}{rate:12.0f}{per_commit:12.1f}")
+        finally:
+            await store.aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
