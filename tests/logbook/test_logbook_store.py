@@ -283,3 +283,16 @@ def test_two_stores_on_the_default_registry_do_not_clash(tmp_path: Path) -> None
         a.close()
         b.close()
     assert os.path.exists(tmp_path / "a" / DB_FILENAME)
+
+
+async def test_parked_records_can_be_requeued(store: LogStore) -> None:
+    await append_all(store, [make_record(n) for n in range(6)])
+    batch = await store.pending_batch(max_records=4, max_bytes=1 << 20)
+    assert await store.park([r.seq for r in batch.records], "b-1") == 4
+    assert (store.stats().pending, store.stats().parked_records) == (2, 4)
+    assert store.stats().parked_batches == 1
+
+    assert await store.requeue_parked() == 4
+    assert (store.stats().pending, store.stats().parked_records) == (6, 0)
+    again = await store.pending_batch(max_records=10, max_bytes=1 << 20)
+    assert [r.seq for r in again.records][:4] == [r.seq for r in batch.records]
