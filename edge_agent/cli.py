@@ -14,6 +14,7 @@ from aiohttp import web
 from edge_agent.config import ConfigError, Settings, load_settings
 from edge_agent.engine.backends.llamacpp import LlamaCppBackend
 from edge_agent.engine.types import Backend
+from edge_agent.logbook.cli import add_logbook_commands
 from edge_agent.manifest import ManifestError, ModelManifest, load_manifest
 from edge_agent.observability import configure_logging
 from edge_agent.server.app import create_app
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _settings_args(serve)
     serve.set_defaults(func=_serve)
+    add_logbook_commands(commands)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import structlog
 from aiohttp import web
@@ -10,8 +11,9 @@ from aiohttp import web
 from edge_agent.config import Settings
 from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
+from edge_agent.logbook import LogStore, Uploader
 from edge_agent.manifest import ModelManifest
-from edge_agent.server import edge_routes, native_routes, openai_routes
+from edge_agent.server import edge_routes, logs_routes, native_routes, openai_routes
 from edge_agent.server.middleware import bearer_token, errors_as_envelopes
 from edge_agent.server.openai_requests import validate_defaults
 from edge_agent.server.state import STATE_KEY, AppState, DiscardingSink, RecordSink
@@ -19,6 +21,7 @@ from edge_agent.server.state import STATE_KEY, AppState, DiscardingSink, RecordS
 log = structlog.get_logger(__name__)
 
 _LOADER_KEY = web.AppKey("edge_agent_loader", asyncio.Task[None])
+_UPLOADER_KEY = web.AppKey("edge_agent_uploader", Uploader)
 
 
 def create_app(
@@ -28,7 +31,11 @@ def create_app(
     *,
     records: RecordSink | None = None,
 ) -> web.Application:
-    """The daemon's app; the model loads in the background once the app starts."""
+    """The daemon's app; the model loads in the background once the app starts.
+
+    Inference records go to ``records`` when given, else to the durable log store in
+    the state directory (unless logging is off in the settings).
+    """
     if settings.openai_enabled is not None:
         manifest = manifest.model_copy(
             update={
@@ -44,12 +51,17 @@ def create_app(
     scheduler = Scheduler(
         backend, max_queue=settings.max_queue, request_timeout_s=settings.request_timeout_s
     )
+    log_store = None
+    if records is None and settings.logs.enabled:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        log_store = LogStore.from_settings(settings.state_dir, settings.logs)
     app[STATE_KEY] = AppState(
         settings=settings,
         manifest=manifest,
         backend=backend,
         scheduler=scheduler,
-        records=records or DiscardingSink(),
+        records=records or log_store or DiscardingSink(),
+        log_store=log_store,
     )
     prefix = openai_routes.PREFIX
     app.router.add_post(f"{prefix}/completions", openai_routes.completions)
@@ -62,7 +74,9 @@ def create_app(
     app.router.add_get("/healthz", edge_routes.healthz)
     app.router.add_get("/readyz", edge_routes.readyz)
     app.router.add_get("/metrics", edge_routes.metrics)
+    app.router.add_get("/logs", logs_routes.recent_logs)
     app.on_startup.append(_start_loading)
+    app.on_startup.append(_start_uploader)
     app.on_cleanup.append(_unload)
     return app
 
@@ -82,6 +96,15 @@ async def _load(state: AppState) -> None:
     log.info("model_ready", model=state.manifest.name, backend=state.backend.info.name)
 
 
+async def _start_uploader(app: web.Application) -> None:
+    state = app[STATE_KEY]
+    if state.log_store is None:
+        return
+    uploader = Uploader(state.log_store, state.settings.upload, socket.gethostname())
+    await uploader.start()
+    app[_UPLOADER_KEY] = uploader
+
+
 async def wait_until_loaded(app: web.Application) -> None:
     await asyncio.shield(app[_LOADER_KEY])
 
@@ -92,3 +115,8 @@ async def _unload(app: web.Application) -> None:
         loader.cancel()
     state = app[STATE_KEY]
     await state.backend.close()
+    # Records of requests that ran until now are in the store; stop shipping, then close.
+    if _UPLOADER_KEY in app:
+        await app[_UPLOADER_KEY].stop()
+    if state.log_store is not None:
+        await state.log_store.aclose()

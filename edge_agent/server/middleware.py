@@ -37,8 +37,9 @@ async def errors_as_envelopes(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)
     except ApiError as error:
         return error_response(error)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(BodyTooLarge(f"request body is larger than {exc.max_size} bytes"))
+    except web.HTTPRequestEntityTooLarge:
+        limit = state_of(request).settings.max_request_bytes
+        return error_response(BodyTooLarge(f"request body is larger than {limit} bytes"))
     except web.HTTPMethodNotAllowed as exc:
         error = MethodNotAllowed(
             f"method {request.method} is not allowed on {request.path}",

@@ -1,4 +1,4 @@
-"""Native inference, POST /infer and /pipelines/{name}: pandas-records in, records out (section 5)."""
+"""Native inference, POST /infer and /pipelines/{name}: pandas-records in and out."""
 
 from __future__ import annotations
 

@@ -59,15 +59,27 @@ def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
         return InvalidRequest(f"request body is not valid JSON: {first['msg']}")
     if first["type"] == "model_type":
         return InvalidRequest("request body must be a JSON object")
-    # Union members add their type name to the location: keep the field path only.
-    parts = [p for p in first["loc"] if isinstance(p, int) or p[:1].islower()]
     param = ""
-    for part in parts:
+    in_union_member = False
+    for part in first["loc"]:
+        if isinstance(part, str) and _is_union_tag(part):
+            # Pydantic names the union member it tried: the field path ends before it.
+            in_union_member = True
+            break
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else part)
     message = first["msg"]
     if first["type"] == "missing":
         message = "field required"
+    elif in_union_member:
+        message = f"not a valid value ({message.lower()})"
     return InvalidRequest(f"{param}: {message}" if param else message, param=param or None)
+
+
+_SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _is_union_tag(part: str) -> bool:
+    return part in _SCALAR_TAGS or "[" in part or part[:1].isupper() or part.startswith("function")
 
 
 def validate_defaults(defaults: dict[str, Any], where: str) -> None:
@@ -120,7 +132,10 @@ async def prepare(
     explicit_max = "max_tokens" in request.model_fields_set or (
         isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None
     )
-    prompts = await asyncio.to_thread(_prompts_as_tokens, request, backend)
+    try:
+        prompts = await asyncio.to_thread(_prompts_as_tokens, request, backend)
+    except UnsupportedParameter as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
     info = backend.info
     window = info.context_length
     n = int(params.get("n", 1))
@@ -131,8 +146,6 @@ async def prepare(
     for prompt_index, (text, tokens) in enumerate(prompts):
         if not tokens:
             raise InvalidRequest("prompt: must not be empty", param=_prompt_param(request))
-        if info.vocab_size and any(not 0 <= t < info.vocab_size for t in tokens):
-            raise InvalidRequest("prompt: token id outside the vocabulary", param="prompt")
         room = window - len(tokens)
         wanted = int(params.get("max_tokens") or room)
         if room <= 0 or (explicit_max and wanted > room):
@@ -188,10 +201,7 @@ def _prompts_as_tokens(
 ) -> list[tuple[str, list[int]]]:
     if isinstance(request, ChatCompletionRequest):
         messages = [ChatMessage(m.role, m.text()) for m in request.messages]
-        try:
-            text = backend.render_chat(messages)
-        except UnsupportedParameter as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from None
+        text = backend.render_chat(messages)
         return [(text, backend.tokenize(text, add_special=False, parse_special=True))]
     prompt = request.prompt
     if isinstance(prompt, str):

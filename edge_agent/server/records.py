@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import time
-import uuid
 from typing import Any
 
 from edge_agent.engine.scheduler import GenerationClock
+from edge_agent.logbook import new_record_id
 from edge_agent.server.state import AppState
-
-
-def new_record_id() -> str:
-    """A UUIDv7: unique, and sortable by creation time so the collector can order records."""
-    unix_ms = time.time_ns() // 1_000_000
-    value = (unix_ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76
-    value |= int.from_bytes(os.urandom(10), "big") & ((1 << 76) - 1)
-    value &= ~(0x3 << 62)
-    value |= 0x2 << 62  # RFC 9562 variant
-    return str(uuid.UUID(int=value))
 
 
 def request_body_for_log(raw: bytes) -> Any:

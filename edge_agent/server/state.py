@@ -11,6 +11,7 @@ from aiohttp import web
 from edge_agent.config import Settings
 from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
+from edge_agent.logbook import LogStore
 from edge_agent.manifest import ModelManifest
 
 ModelStatus = Literal["Loading", "Running", "Error"]
@@ -36,10 +37,10 @@ class AppState:
     backend: Backend
     scheduler: Scheduler
     records: RecordSink = field(default_factory=DiscardingSink)
+    log_store: LogStore | None = None  # the durable inference log, when logging is on
     status: ModelStatus = "Loading"
     status_detail: str = "model is loading"
     started_at: float = field(default_factory=time.time)
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:

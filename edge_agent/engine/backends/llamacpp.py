@@ -170,6 +170,9 @@ class LlamaCppBackend:
         return list(buffer[:count])
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
+        # llama.cpp aborts the whole process on an id outside the vocabulary.
+        if any(not 0 <= t < self._n_vocab for t in token_ids):
+            raise UnsupportedParameter("prompt", "prompt: token id outside the vocabulary")
         return b"".join(self._token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
 
     def _token_bytes(self, token: int) -> bytes:

@@ -1,0 +1,22 @@
+"""GET /logs: recent inference records from the box's own store, newest first."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from edge_agent.errors import InvalidRequest, NotFound
+from edge_agent.logbook import MAX_READ_LIMIT
+from edge_agent.server.state import state_of
+
+
+async def recent_logs(request: web.Request) -> web.Response:
+    store = state_of(request).log_store
+    if store is None:
+        raise NotFound("the inference log is switched off on this box (logs.enabled = false)")
+    raw_limit = request.query.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_READ_LIMIT:
+        raise InvalidRequest(
+            f"limit: must be a whole number from 1 to {MAX_READ_LIMIT}", param="limit"
+        )
+    records, has_more = await store.read(limit=int(raw_limit), since=request.query.get("since"))
+    return web.json_response({"object": "list", "data": records, "has_more": has_more})

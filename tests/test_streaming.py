@@ -1,0 +1,107 @@
+"""Raw SSE framing (CONTRACT.md section 3, Streaming), read byte for byte off the socket."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.conftest import RecordingSink
+
+COMPLETIONS = "/infer/openai/v1/completions"
+CHAT = "/infer/openai/v1/chat/completions"
+
+
+async def read_events(response: Any) -> list[str]:
+    raw = (await response.read()).decode()
+    assert raw.endswith("\n\n"), "every event ends with a blank line"
+    events = raw.split("\n\n")[:-1]
+    assert all(event.startswith("data: ") for event in events), events
+    return [event[len("data: ") :] for event in events]
+
+
+def chunks_of(events: list[str]) -> list[dict[str, Any]]:
+    assert events[-1] == "[DONE]"
+    assert "[DONE]" not in events[:-1]
+    return [json.loads(event) for event in events[:-1]]
+
+
+async def test_chat_stream_framing(client: Any) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 6, "stream": True}
+    response = await client.post(CHAT, json=body)
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers.get("Transfer-Encoding") == "chunked"
+    chunks = chunks_of(await read_events(response))
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    assert {c["created"] for c in chunks} == {chunks[0]["created"]}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    finishing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finishing) == 1
+    with_usage = [c for c in chunks if c["usage"] is not None]
+    assert with_usage == finishing, "usage rides on the finish chunk without include_usage"
+    usage = with_usage[0]["usage"]
+    content_chunks = [c for c in chunks[1:] if c["choices"][0]["delta"]["content"]]
+    assert usage["completion_tokens"] == 6 == len(content_chunks), "one event per token"
+    assert usage["ttft"] > 0 and usage["tps"] > 0
+
+
+async def test_completion_stream_with_include_usage(client: Any) -> None:
+    body = {
+        "prompt": "tell me a short story",
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks = chunks_of(await read_events(await client.post(COMPLETIONS, json=body)))
+    assert all(c["object"] == "text_completion" for c in chunks)
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
+    assert all(c["usage"] is None for c in chunks[:-1]), "usage exactly once"
+    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]) == 1
+
+
+async def test_streamed_text_equals_the_non_streamed_text(client: Any) -> None:
+    body = {"prompt": "The moon is", "max_tokens": 12, "temperature": 0}
+    whole = await (await client.post(COMPLETIONS, json=body)).json()
+    chunks = chunks_of(
+        await read_events(await client.post(COMPLETIONS, json={**body, "stream": True}))
+    )
+    streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert streamed == whole["choices"][0]["text"]
+
+
+async def test_stream_log_record_holds_the_assembled_response(make_client: Any) -> None:
+    sink = RecordingSink()
+    client = await make_client(records=sink)
+    body = {"prompt": "The moon is", "max_tokens": 4, "temperature": 0, "stream": True}
+    chunks = chunks_of(await read_events(await client.post(COMPLETIONS, json=body)))
+    assembled = json.loads(sink.records[0]["out"]["json"])
+    assert assembled["choices"][0]["text"] == "".join(c["choices"][0]["text"] for c in chunks)
+    assert assembled["usage"] == chunks[-1]["usage"]
+
+
+async def test_n_choices_stream_with_their_indexes(client: Any) -> None:
+    body = {"prompt": "Once", "max_tokens": 3, "n": 2, "seed": 3, "stream": True}
+    chunks = chunks_of(await read_events(await client.post(COMPLETIONS, json=body)))
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(finished) == [0, 1]
+    assert sum(1 for c in chunks if c["usage"]) == 1
+
+
+async def test_a_failure_mid_stream_is_an_error_event_then_done(make_client: Any) -> None:
+    client = await make_client(request_timeout_s=0.3)
+    # End-of-text tokens biased away: only the deadline can end this one.
+    body = {
+        "prompt": "Tell me everything.",
+        "max_tokens": 2000,
+        "stream": True,
+        "logit_bias": {"0": -100, "1": -100, "2": -100},
+    }
+    response = await client.post(COMPLETIONS, json=body)
+    assert response.status == 200
+    events = await read_events(response)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    assert error["error"]["code"] == "timeout"
+    assert error["error"]["type"] == "server_error"
