@@ -121,6 +121,9 @@ class LlamaCppBackend:
         ctx_params.n_threads_batch = self._threads
         # One KV stream per sequence: a sequence's cells never move with its neighbours.
         ctx_params.kv_unified = False
+        # Flash attention's CPU kernel tiles multi-token batches, so a prompt's KV would
+        # depend on how it was split into batches and prefix reuse would change greedy text.
+        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx_params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
@@ -135,6 +138,13 @@ class LlamaCppBackend:
             self._template = env.from_string(template.decode("utf-8"))
         self._bos = self._special_text(llama_cpp.llama_vocab_bos(self._vocab))
         self._eos = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
+        if b"LLAMAFILE = 1" in llama_cpp.llama_print_system_info():
+            log.warning(
+                "llamacpp_build_not_batch_invariant",
+                detail="llama.cpp was built with LLAMAFILE: temperature-0 text may differ "
+                "between a request alone and one batched with others; rebuild with "
+                "CMAKE_ARGS=-DGGML_LLAMAFILE=OFF (scripts/bootstrap does)",
+            )
         log.info(
             "model_loaded",
             path=str(self._path),

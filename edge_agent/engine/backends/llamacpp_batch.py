@@ -6,13 +6,19 @@ a bounded slice of pending prompt tokens into a single batch, decodes it, sample
 every sequence that produced logits, and hands the step's token events to the
 event loop in one call.
 
-Determinism: the context keeps one KV stream per slot (``kv_unified = false``), so
-a sequence's cache cells start at position 0 of its own stream whatever its
-neighbours do, and llama.cpp's CPU kernels compute each token's column
-independently of the others in a batch. Prompts are prefilled in chunks aligned
-to ``PREFILL_CHUNK`` positions, so a prompt is split the same way whether a
-prefix of it was cached or not. The tests hold all of this to the contract:
-at temperature 0, alone, batched or cached, the text is the same.
+Determinism (CONTRACT.md section 2: temperature 0 gives the same text alone, batched
+or cached) rests on three things, each checked by the tests:
+
+- one KV stream per slot (``kv_unified = false``): a sequence's cells start at
+  position 0 of its own stream whatever its neighbours hold;
+- llama.cpp built without LLAMAFILE (scripts/bootstrap): its tinyBLAS kernels only
+  run for two or more rows, so logits would depend on how many sequences share a
+  step; ggml's own kernels compute every row the same way;
+- flash attention off: its CPU kernel tiles multi-token batches, so a prompt's KV
+  would depend on how the prompt was split.
+
+With those, a prompt's KV is the same however it is chunked, so prefix reuse may
+reuse any whole ``PREFILL_CHUNK`` of a slot's cached tokens.
 """
 
 from __future__ import annotations
