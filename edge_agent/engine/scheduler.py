@@ -97,11 +97,15 @@ class Scheduler:
             if self.in_flight == 0:
                 self._idle.set()
 
+    async def wait_idle(self) -> None:
+        """Return once no sequence is in flight."""
+        await self._idle.wait()
+
     async def drain(self, grace_s: float) -> bool:
         """Refuse new work and wait for what is in flight; True if it all finished."""
         self.draining = True
         try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
+            await asyncio.wait_for(self.wait_idle(), grace_s)
             return True
         except TimeoutError:
             return False
