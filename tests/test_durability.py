@@ -1,4 +1,4 @@
-"""No inference record is lost: kill -9, a collector that is down, then up (CONTRACT.md section 6)."""
+"""No inference record is lost: kill -9, a collector down and then up (CONTRACT.md section 6)."""
 
 from __future__ import annotations
 
