@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from edge_agent.engine.stopping import StopMatcher
@@ -116,7 +116,7 @@ class Scheduler:
         *,
         stops: Sequence[str],
         clock: GenerationClock,
-    ) -> AsyncIterator[Step]:
+    ) -> AsyncGenerator[Step, None]:
         """One sequence's steps; the last carries finish_reason. Closing it cancels."""
         matcher = StopMatcher(stops)
         deadline = clock.accepted_at + self._timeout

@@ -7,7 +7,7 @@ timing and response shapes live above it so every backend behaves the same.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -127,7 +127,7 @@ class Backend(Protocol):
     def check_supported(self, params: SamplingParams) -> None:
         """Raise UnsupportedParameter for anything this backend cannot honour."""
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Stream the sequence's tokens; the last event carries ``finish_reason``.
 
         Closing the iterator early (``aclose``) cancels the sequence: its slot is

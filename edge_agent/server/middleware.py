@@ -41,11 +41,11 @@ async def errors_as_envelopes(request: web.Request, handler: Handler) -> web.Str
         limit = state_of(request).settings.max_request_bytes
         return error_response(BodyTooLarge(f"request body is larger than {limit} bytes"))
     except web.HTTPMethodNotAllowed as exc:
-        error = MethodNotAllowed(
+        not_allowed = MethodNotAllowed(
             f"method {request.method} is not allowed on {request.path}",
             headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
         )
-        return error_response(error)
+        return error_response(not_allowed)
     except web.HTTPNotFound:
         return error_response(NotFound(f"no such path: {request.path}"))
     except web.HTTPException as exc:

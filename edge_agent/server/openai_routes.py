@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import structlog
@@ -210,7 +210,7 @@ async def _choices(
         return
     queue: asyncio.Queue[tuple[int, Step] | BaseException | None] = asyncio.Queue()
 
-    async def pump(index: int, run: AsyncIterator[Step]) -> None:
+    async def pump(index: int, run: AsyncGenerator[Step, None]) -> None:
         try:
             async for step in run:
                 queue.put_nowait((index, step))
@@ -219,7 +219,7 @@ async def _choices(
             queue.put_nowait(exc)
             raise
         finally:
-            await run.aclose()  # type: ignore[attr-defined]
+            await run.aclose()
 
     tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
     pending = len(tasks)

@@ -6,7 +6,7 @@ import asyncio
 import ctypes
 import functools
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,12 @@ log = structlog.get_logger(__name__)
 def _quiet_llama_logs() -> None:
     """Route llama.cpp's own stderr chatter to nowhere; our structlog events say what matters."""
 
-    @llama_cpp.llama_log_callback
     def _drop(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         return None
 
-    _quiet_llama_logs.callback = _drop  # type: ignore[attr-defined]  # keep it alive
-    llama_cpp.llama_log_set(_drop, ctypes.c_void_p(0))
+    callback = llama_cpp.llama_log_callback(_drop)
+    _quiet_llama_logs.callback = callback  # type: ignore[attr-defined]  # keep it alive
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 class LlamaCppBackend:
@@ -227,7 +227,7 @@ class LlamaCppBackend:
                     "logit_bias", f"logit_bias: token id {token} is not in the vocabulary"
                 )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         engine = self._loop_engine
         if engine is None:
             raise BackendError("model is not loaded")

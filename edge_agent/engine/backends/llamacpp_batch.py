@@ -38,6 +38,7 @@ import structlog
 from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, logprobs_of
 from edge_agent.engine.types import (
     BackendError,
+    FinishReason,
     GenerationRequest,
     TokenEvent,
     TopLogprob,
@@ -279,7 +280,7 @@ class DecodeLoop:
         # Its KV cell is written when it is fed back in the next step, at position n_past.
         sequence.last_token = token
         text = sequence.decoder.decode(self._token_bytes(token))
-        finish = None
+        finish: FinishReason | None = None
         if sequence.generated >= params.max_tokens or sequence.n_past >= self._n_ctx_seq:
             finish = "length"
             text += sequence.decoder.decode(b"", final=True)

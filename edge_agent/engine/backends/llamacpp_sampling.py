@@ -40,10 +40,9 @@ class SamplerChain:
         add = self._add
         if params.logit_bias:
             items = list(params.logit_bias.items())
-            biases = (llama_cpp.llama_logit_bias * len(items))()
-            for slot, (token, bias) in enumerate(items):
-                biases[slot].token = token
-                biases[slot].bias = bias
+            biases = (llama_cpp.llama_logit_bias * len(items))(
+                *(llama_cpp.llama_logit_bias(token, bias) for token, bias in items)
+            )
             add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(items), biases))
         if grammar is not None:
             sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
