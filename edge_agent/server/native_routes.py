@@ -12,7 +12,7 @@ import uuid
 from aiohttp import web
 
 from edge_agent.engine.scheduler import GenerationClock
-from edge_agent.errors import ApiError, InvalidRequest, ModelNotReady, NotFound, OpenAIEnabled
+from edge_agent.errors import ApiError, InvalidRequest, NotFound, OpenAIEnabled
 from edge_agent.observability import observe_request
 from edge_agent.protocol import CompletionRequest
 from edge_agent.server.openai_requests import prepare
@@ -37,8 +37,7 @@ async def infer(request: web.Request) -> web.Response:
         if state.manifest.openai.enabled:
             raise OpenAIEnabled()
         texts = _texts(raw)
-        if not state.ready:
-            raise ModelNotReady(state.status_detail)
+        state.require_ready()
         outputs = []
         for text in texts:
             started = time.perf_counter_ns()

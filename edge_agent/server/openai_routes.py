@@ -14,7 +14,7 @@ from aiohttp import web
 
 from edge_agent.engine.scheduler import GenerationClock, Step
 from edge_agent.engine.types import BackendError
-from edge_agent.errors import ApiError, InternalError, ModelNotReady, OpenAIDisabled
+from edge_agent.errors import ApiError, InternalError, OpenAIDisabled
 from edge_agent.observability import observe_request
 from edge_agent.protocol import ModelCard, ModelList
 from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_request, prepare
@@ -87,8 +87,7 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         if not state.manifest.openai.enabled:
             raise OpenAIDisabled()
         parsed = parse_request(endpoint, raw)
-        if not state.ready:
-            raise ModelNotReady(state.status_detail)
+        state.require_ready()
         defaults = state.manifest.openai.chat_config
         if endpoint == "completions":
             defaults = state.manifest.openai.completion_config

@@ -11,6 +11,7 @@ from aiohttp import web
 from edge_agent.config import Settings
 from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
+from edge_agent.errors import ModelNotReady, ShuttingDown
 from edge_agent.logbook import LogStore
 from edge_agent.manifest import ModelManifest
 
@@ -45,6 +46,13 @@ class AppState:
     @property
     def ready(self) -> bool:
         return self.status == "Running" and not self.scheduler.draining
+
+    def require_ready(self) -> None:
+        """Refuse inference with the right 503 while loading, failed, or shutting down."""
+        if self.scheduler.draining:
+            raise ShuttingDown()
+        if self.status != "Running":
+            raise ModelNotReady(self.status_detail)
 
 
 STATE_KEY = web.AppKey("edge_agent_state", AppState)
