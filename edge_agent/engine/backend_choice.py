@@ -1,0 +1,106 @@
+"""Which backend serves the model: llama.cpp on CPU, vLLM when a CUDA GPU can take it.
+
+``auto`` picks vLLM only when everything it needs is there (a visible CUDA GPU,
+vLLM installed, an ``[hf]`` artifact in the manifest) and says why in one line
+either way. An explicit choice that cannot start is an error at start, never a
+silent fallback to the other backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from edge_agent.config import Settings
+from edge_agent.engine.hardware import GpuInfo, probe_gpu
+from edge_agent.engine.types import Backend
+from edge_agent.manifest import ModelManifest
+
+BackendName = Literal["llamacpp", "vllm"]
+
+
+class BackendChoiceError(Exception):
+    """The configured backend cannot serve this model on this box; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendChoice:
+    name: BackendName
+    reason: str  # one line for the start-up log
+    gpu: GpuInfo | None = None
+
+
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported, without importing it (that costs torch and CUDA)."""
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def choose_backend(
+    settings_backend: str,
+    manifest: ModelManifest,
+    *,
+    gpu_probe: Callable[[], GpuInfo | None] = probe_gpu,
+    vllm_importable: Callable[[], bool] = vllm_installed,
+) -> BackendChoice:
+    """The backend for ``settings.backend`` (auto, llamacpp or vllm) and this model."""
+    if settings_backend == "llamacpp":
+        if manifest.gguf is None:
+            raise BackendChoiceError(
+                f"backend llamacpp: model {manifest.name!r} has no [gguf] artifact"
+            )
+        return BackendChoice("llamacpp", "backend = llamacpp in settings")
+    if settings_backend not in ("auto", "vllm"):
+        raise BackendChoiceError(f"unknown backend {settings_backend!r}")
+
+    gpu = gpu_probe()
+    missing = []
+    if gpu is None:
+        missing.append("no CUDA GPU visible")
+    if not vllm_importable():
+        missing.append("vllm is not installed (pip install 'edge-agent[gpu]')")
+    if manifest.hf is None:
+        missing.append(f"model {manifest.name!r} has no [hf] artifact")
+
+    if not missing:
+        assert gpu is not None
+        origin = "backend = vllm in settings" if settings_backend == "vllm" else "auto"
+        return BackendChoice("vllm", f"{origin}: vLLM on {gpu.describe()}", gpu)
+    if settings_backend == "vllm":
+        raise BackendChoiceError("backend vllm cannot start: " + "; ".join(missing))
+    if manifest.gguf is None:
+        raise BackendChoiceError(
+            f"model {manifest.name!r} has only an [hf] artifact, which needs vLLM, but "
+            + "; ".join(missing)
+        )
+    return BackendChoice("llamacpp", "auto: llama.cpp on CPU, " + "; ".join(missing), gpu)
+
+
+def build_backend(choice: BackendChoice, manifest: ModelManifest, settings: Settings) -> Backend:
+    """The chosen backend, constructed but not started (``start`` loads the model)."""
+    if choice.name == "vllm":
+        from edge_agent.engine.backends.vllm import VllmBackend, VllmOptions
+
+        # Settings gains a [vllm] section of VllmOptions; until then, its defaults.
+        options = getattr(settings, "vllm", None) or VllmOptions()
+        return VllmBackend(
+            manifest,
+            options,
+            context_length=settings.context_size or manifest.context_length,
+            parallel=settings.parallel,
+            prefix_cache=settings.prefix_cache,
+        )
+    # Imported here so a GPU box without llama-cpp-python still starts vLLM.
+    from edge_agent.engine.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(
+        manifest.gguf_path(),
+        context_length=settings.context_size or manifest.context_length,
+        parallel=settings.parallel,
+        threads=settings.threads,
+        prefix_cache=settings.prefix_cache,
+    )
