@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from edge_agent.config import ConfigError, Settings, load_settings
-from edge_agent.engine.backends.llamacpp import LlamaCppBackend
+from edge_agent.engine.backend_choice import BackendChoiceError, build_backend, choose_backend
 from edge_agent.engine.types import Backend
 from edge_agent.logbook.cli import add_logbook_commands
 from edge_agent.manifest import ManifestError, ModelManifest, load_manifest
@@ -76,13 +76,10 @@ def _load(args: argparse.Namespace) -> tuple[Settings, ModelManifest]:
 
 
 def make_backend(settings: Settings, manifest: ModelManifest) -> Backend:
-    return LlamaCppBackend(
-        manifest.gguf_path(),
-        context_length=settings.context_size or manifest.context_length,
-        parallel=settings.parallel,
-        threads=settings.threads,
-        prefix_cache=settings.prefix_cache,
-    )
+    """vLLM on a CUDA box that has it, llama.cpp otherwise; one log line says which and why."""
+    choice = choose_backend(settings.backend, manifest)
+    log.info("backend_chosen", backend=choice.name, reason=choice.reason)
+    return build_backend(choice, manifest, settings)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -91,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
         configure_logging(settings.log_format)
         backend = make_backend(settings, manifest)
         app = create_app(settings, manifest, backend)
-    except (ConfigError, ManifestError, ValueError) as exc:
+    except (ConfigError, ManifestError, BackendChoiceError, ValueError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(_run(app, settings))

@@ -20,6 +20,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from edge_agent.engine.backends.vllm import VllmOptions
+
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -110,6 +112,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     logs: LogSettings = LogSettings()
     upload: UploadSettings = UploadSettings()
+    vllm: VllmOptions = VllmOptions()
 
     @field_validator("max_request_bytes", mode="before")
     @classmethod

@@ -19,9 +19,11 @@ from aiohttp.test_utils import TestClient
 
 from edge_agent.config import Settings
 from edge_agent.engine.backends.llamacpp import LlamaCppBackend
+from edge_agent.engine.types import Backend
 from edge_agent.manifest import ModelManifest, load_manifest
 from edge_agent.server.app import create_app, wait_until_loaded
 from edge_agent.server.state import RecordSink
+from tests.engine.vllm_double import make_double_vllm_backend
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,17 +56,27 @@ async def make_client(
     """Start the real app on loopback with the real model; settings overridable per test."""
 
     async def start(
-        *, records: RecordSink | None = None, wait: bool = True, **overrides: Any
+        *,
+        records: RecordSink | None = None,
+        wait: bool = True,
+        backend: str = "llamacpp",
+        **overrides: Any,
     ) -> TestClient[web.Request, web.Application]:
         settings = make_settings(tmp_path, **overrides)
-        backend = LlamaCppBackend(
-            manifest.gguf_path(),
-            context_length=settings.context_size or manifest.context_length,
-            parallel=settings.parallel,
-            threads=settings.threads,
-            prefix_cache=settings.prefix_cache,
-        )
-        app = create_app(settings, manifest, backend, records=records)
+        engine: Backend
+        if backend == "vllm":
+            # No GPU here: vLLM's engine is replaced by a double behind its real interface;
+            # the adapter, scheduler and server under test are the real ones.
+            engine = make_double_vllm_backend(manifest, parallel=settings.parallel)
+        else:
+            engine = LlamaCppBackend(
+                manifest.gguf_path(),
+                context_length=settings.context_size or manifest.context_length,
+                parallel=settings.parallel,
+                threads=settings.threads,
+                prefix_cache=settings.prefix_cache,
+            )
+        app = create_app(settings, manifest, engine, records=records)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
         if wait:
             await wait_until_loaded(app)
@@ -76,6 +88,21 @@ async def make_client(
 @pytest.fixture
 async def client(make_client: Callable[..., Any]) -> TestClient[web.Request, web.Application]:
     result: TestClient[web.Request, web.Application] = await make_client()
+    return result
+
+
+@pytest.fixture(params=["llamacpp", "vllm"])
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Both backends, for the wire-format tests: a client must not tell them apart."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+async def any_client(
+    make_client: Callable[..., Any], backend_name: str
+) -> TestClient[web.Request, web.Application]:
+    result: TestClient[web.Request, web.Application] = await make_client(backend=backend_name)
     return result
 
 

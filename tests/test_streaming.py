@@ -1,10 +1,19 @@
-"""Raw SSE framing (CONTRACT.md section 3, Streaming), read byte for byte off the socket."""
+"""The wire format, run against both backends: a client cannot tell llama.cpp from vLLM.
+
+Raw SSE framing (CONTRACT.md section 3) read byte for byte off the socket, usage
+once, errors, cancellation, and the openai SDK. On this CPU-only machine the vLLM
+backend runs with an engine double behind vLLM's real interface (tests/engine).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import openai
+
+from edge_agent.server.state import STATE_KEY
 from tests.conftest import RecordingSink
 
 COMPLETIONS = "/infer/openai/v1/completions"
@@ -25,9 +34,9 @@ def chunks_of(events: list[str]) -> list[dict[str, Any]]:
     return [json.loads(event) for event in events[:-1]]
 
 
-async def test_chat_stream_framing(client: Any) -> None:
+async def test_chat_stream_framing(any_client: Any) -> None:
     body = {"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 6, "stream": True}
-    response = await client.post(CHAT, json=body)
+    response = await any_client.post(CHAT, json=body)
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/event-stream")
     assert response.headers.get("Transfer-Encoding") == "chunked"
@@ -46,14 +55,14 @@ async def test_chat_stream_framing(client: Any) -> None:
     assert usage["ttft"] > 0 and usage["tps"] > 0
 
 
-async def test_completion_stream_with_include_usage(client: Any) -> None:
+async def test_completion_stream_with_include_usage(any_client: Any) -> None:
     body = {
         "prompt": "tell me a short story",
         "max_tokens": 5,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    chunks = chunks_of(await read_events(await client.post(COMPLETIONS, json=body)))
+    chunks = chunks_of(await read_events(await any_client.post(COMPLETIONS, json=body)))
     assert all(c["object"] == "text_completion" for c in chunks)
     last = chunks[-1]
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
@@ -61,19 +70,21 @@ async def test_completion_stream_with_include_usage(client: Any) -> None:
     assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]) == 1
 
 
-async def test_streamed_text_equals_the_non_streamed_text(client: Any) -> None:
+async def test_streamed_text_equals_the_non_streamed_text(any_client: Any) -> None:
     body = {"prompt": "The moon is", "max_tokens": 12, "temperature": 0}
-    whole = await (await client.post(COMPLETIONS, json=body)).json()
+    whole = await (await any_client.post(COMPLETIONS, json=body)).json()
     chunks = chunks_of(
-        await read_events(await client.post(COMPLETIONS, json={**body, "stream": True}))
+        await read_events(await any_client.post(COMPLETIONS, json={**body, "stream": True}))
     )
     streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     assert streamed == whole["choices"][0]["text"]
 
 
-async def test_stream_log_record_holds_the_assembled_response(make_client: Any) -> None:
+async def test_stream_log_record_holds_the_assembled_response(
+    make_client: Any, backend_name: str
+) -> None:
     sink = RecordingSink()
-    client = await make_client(records=sink)
+    client = await make_client(records=sink, backend=backend_name)
     body = {"prompt": "The moon is", "max_tokens": 4, "temperature": 0, "stream": True}
     chunks = chunks_of(await read_events(await client.post(COMPLETIONS, json=body)))
     assembled = json.loads(sink.records[0]["out"]["json"])
@@ -81,9 +92,9 @@ async def test_stream_log_record_holds_the_assembled_response(make_client: Any) 
     assert assembled["usage"] == chunks[-1]["usage"]
 
 
-async def test_n_choices_stream_with_their_indexes(client: Any) -> None:
+async def test_n_choices_stream_with_their_indexes(any_client: Any) -> None:
     body = {"prompt": "Once", "max_tokens": 3, "n": 2, "seed": 3, "stream": True}
-    chunks = chunks_of(await read_events(await client.post(COMPLETIONS, json=body)))
+    chunks = chunks_of(await read_events(await any_client.post(COMPLETIONS, json=body)))
     finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
     assert sorted(finished) == [0, 1]
     assert sum(1 for c in chunks if c["usage"]) == 1
@@ -105,3 +116,53 @@ async def test_a_failure_mid_stream_is_an_error_event_then_done(make_client: Any
     error = json.loads(events[-2])
     assert error["error"]["code"] == "timeout"
     assert error["error"]["type"] == "server_error"
+
+
+async def test_bad_input_gets_the_same_envelope(any_client: Any) -> None:
+    response = await any_client.post(CHAT, json={"messages": [], "stream": True})
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"]["param"] == "messages"
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_disconnect_cancels_and_is_logged(make_client: Any, backend_name: str) -> None:
+    sink = RecordingSink()
+    client = await make_client(records=sink, backend=backend_name)
+    state = client.app[STATE_KEY]
+    body = {
+        "prompt": "Tell me a story.",
+        "max_tokens": 500,
+        "stream": True,
+        "logit_bias": {"0": -100, "1": -100, "2": -100},  # no early end of text
+    }
+    response = await client.post(COMPLETIONS, json=body)
+    await response.content.readline()
+    response.close()
+    await asyncio.wait_for(state.scheduler.wait_idle(), 5)
+    for _ in range(100):  # the record is written as the cancelled handler unwinds
+        if sink.records:
+            break
+        await asyncio.sleep(0.01)
+    assert [r["status"] for r in sink.records] == ["cancelled"]
+
+
+async def test_the_openai_sdk_streams_and_not(any_client: Any) -> None:
+    sdk = openai.AsyncOpenAI(
+        base_url=str(any_client.make_url("/infer/openai/v1")), api_key="none", max_retries=0
+    )
+    messages: Any = [{"role": "user", "content": "Say hello."}]
+    whole = await sdk.chat.completions.create(
+        model="x", messages=messages, max_tokens=8, temperature=0
+    )
+    stream = await sdk.chat.completions.create(
+        model="x", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (
+        whole.choices[0].message.content
+    )
+    assert sum(1 for c in chunks if c.usage is not None) == 1
+    models = await sdk.models.list()
+    assert [m.id for m in models.data] == ["smollm2-135m-instruct"]
+    await sdk.close()

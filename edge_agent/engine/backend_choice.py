@@ -83,13 +83,11 @@ def choose_backend(
 def build_backend(choice: BackendChoice, manifest: ModelManifest, settings: Settings) -> Backend:
     """The chosen backend, constructed but not started (``start`` loads the model)."""
     if choice.name == "vllm":
-        from edge_agent.engine.backends.vllm import VllmBackend, VllmOptions
+        from edge_agent.engine.backends.vllm import VllmBackend
 
-        # Settings gains a [vllm] section of VllmOptions; until then, its defaults.
-        options = getattr(settings, "vllm", None) or VllmOptions()
         return VllmBackend(
             manifest,
-            options,
+            settings.vllm,
             context_length=settings.context_size or manifest.context_length,
             parallel=settings.parallel,
             prefix_cache=settings.prefix_cache,
