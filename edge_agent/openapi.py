@@ -1,0 +1,635 @@
+"""The deployment's OpenAPI 3.1.1 document, generated from the same pydantic models the server uses.
+
+What a box serves depends on its model (CONTRACT.md section 1 and the product doc's
+"Endpoints differ depending on whether pipelines include models with OpenAI API
+compatibility enabled"): the OpenAI paths when OpenAI compatibility is on, the native
+``/infer`` paths when it is off, and the edge paths always. The schemas come from
+``edge_agent.protocol`` through ``model_json_schema``-style generation, so the document
+cannot drift from what the routes validate and send.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import importlib.metadata
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from edge_agent.config import Settings
+from edge_agent.manifest import ModelManifest
+from edge_agent.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
+
+OPENAPI_VERSION = "3.1.1"
+OPENAI_PREFIX = "/infer/openai/v1"
+SPEC_PATH = "/openapi.yaml"
+YAML_CONTENT_TYPE = "application/yaml"
+# Paths the bearer-token middleware leaves open (server/middleware.py keeps the same set).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", SPEC_PATH})
+_REF = "#/components/schemas/{model}"
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("edge-agent")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0.0.0"
+
+
+# --- shapes the protocol module does not hold (the envelope, native and edge bodies) -----
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, ...")
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error envelope every 4xx and 5xx answer carries (CONTRACT.md section 4)."""
+
+    error: ErrorDetail
+
+
+class NativeInput(BaseModel):
+    """One pandas-records row sent to ``/infer``; other columns are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    text: str
+
+
+class NativeIn(BaseModel):
+    text: str
+
+
+class NativeOut(BaseModel):
+    generated_text: str
+
+
+class NativeAnomaly(BaseModel):
+    count: int
+
+
+class NativeMetadata(BaseModel):
+    last_model: str = Field(description="JSON string with model_name and model_sha")
+    pipeline_version: str
+    elapsed: list[int] = Field(description="nanoseconds spent on the record")
+    dropped: list[Any]
+    partition: str = Field(description="the box's host name")
+
+
+class NativeOutput(BaseModel):
+    """One pandas-records row answered by ``/infer`` (CONTRACT.md section 5)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    time: int = Field(description="epoch milliseconds")
+    in_: NativeIn = Field(alias="in")
+    out: NativeOut
+    anomaly: NativeAnomaly
+    metadata: NativeMetadata
+
+
+class PipelineStatus(BaseModel):
+    id: str
+    status: Literal["Running", "Error"]
+
+
+class PipelineList(BaseModel):
+    pipelines: list[PipelineStatus]
+
+
+class ModelStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    sha: str = Field(description="sha256 of the weights")
+    status: Literal["Running", "Error", "Loading"]
+    version: str
+
+
+class ModelStatusList(BaseModel):
+    models: list[ModelStatus]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready, loading, error or running (while draining)")
+    model: str | None = None
+    reason: str | None = None
+
+
+class LogRecord(BaseModel):
+    """One inference log record (CONTRACT.md section 6); ``in`` is the body as received."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    time: int
+    pipeline: str
+    endpoint: Literal["completions", "chat/completions", "infer"]
+    status: Literal["ok", "error", "cancelled"]
+
+
+class LogPage(BaseModel):
+    object: Literal["list"]
+    data: list[LogRecord]
+    has_more: bool
+
+
+# Every model that appears in the document, with the direction it travels in.
+_MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+    (CompletionRequest, "validation"),
+    (ChatCompletionRequest, "validation"),
+    (NativeInput, "validation"),
+    (CompletionResponse, "serialization"),
+    (ChatCompletionResponse, "serialization"),
+    (CompletionChunk, "serialization"),
+    (ChatCompletionChunk, "serialization"),
+    (ModelList, "serialization"),
+    (NativeOutput, "serialization"),
+    (PipelineList, "serialization"),
+    (ModelStatusList, "serialization"),
+    (Health, "serialization"),
+    (Readiness, "serialization"),
+    (LogPage, "serialization"),
+    (ErrorResponse, "serialization"),
+]
+
+
+_Refs = dict[tuple[Any, JsonSchemaMode], dict[str, Any]]
+
+
+@functools.cache
+def _component_schemas() -> tuple[_Refs, dict[str, Any]]:
+    # One generation pass for all models: pydantic names a model that differs between
+    # request and response direction apart (-Input/-Output) instead of clobbering one.
+    refs, top = models_json_schema(_MODELS, ref_template=_REF)
+    defs: dict[str, Any] = top.get("$defs", {})
+    return dict(refs), defs
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    refs, _ = _component_schemas()
+    for (candidate, _mode), schema in refs.items():
+        if candidate is model:
+            return copy.deepcopy(schema)
+    raise KeyError(model.__name__)
+
+
+def openai_enabled(settings: Settings, manifest: ModelManifest) -> bool:
+    """The effective switch: the settings override the manifest's ``[openai] enabled``."""
+    if settings.openai_enabled is not None:
+        return settings.openai_enabled
+    return manifest.openai.enabled
+
+
+# --- building blocks ------------------------------------------------------------------------
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": _json({"$ref": "#/components/schemas/ErrorResponse"}),
+    }
+    if retry_after:
+        response["headers"] = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
+    return response
+
+
+_ERROR_RESPONSES: dict[str, dict[str, Any]] = {
+    "BadRequest": _error(
+        "Invalid request: not JSON, wrong types, out-of-range values, a missing field, "
+        "the context window exceeded, or the wrong endpoint for this model's OpenAI setting"
+    ),
+    "Unauthorized": _error("Bearer token missing or wrong"),
+    "NotFound": _error("No such path, pipeline or resource"),
+    "MethodNotAllowed": _error("Wrong method for this path; `Allow` lists the right ones"),
+    "PayloadTooLarge": _error("Request body over the configured limit"),
+    "TooManyRequests": _error("The request queue is full", retry_after=True),
+    "InternalError": _error("Unexpected failure; the daemon logged the details"),
+    "Unavailable": _error("The model is still loading or the daemon is draining", retry_after=True),
+    "Timeout": _error("The request ran past the configured deadline"),
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    names = {
+        "400": "BadRequest",
+        "401": "Unauthorized",
+        "404": "NotFound",
+        "405": "MethodNotAllowed",
+        "413": "PayloadTooLarge",
+        "429": "TooManyRequests",
+        "500": "InternalError",
+        "503": "Unavailable",
+        "504": "Timeout",
+    }
+    return {code: {"$ref": f"#/components/responses/{names[code]}"} for code in codes}
+
+
+def _sse(chunk: type[BaseModel], description: str) -> dict[str, Any]:
+    # OpenAPI before 3.2 has the schema of text/event-stream describe one event; each event's
+    # data is a JSON chunk (contentSchema), and the last one is the literal [DONE].
+    return {
+        "schema": {
+            "type": "object",
+            "description": description,
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "description": "one JSON chunk per event; the last event is `[DONE]`",
+                    "anyOf": [
+                        {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {
+                                "oneOf": [
+                                    _ref(chunk),
+                                    {"$ref": "#/components/schemas/ErrorResponse"},
+                                ]
+                            },
+                        },
+                        {"type": "string", "const": "[DONE]"},
+                    ],
+                },
+                "event": {"type": "string"},
+                "id": {"type": "string"},
+            },
+        }
+    }
+
+
+def _inference_operation(
+    *,
+    operation_id: str,
+    summary: str,
+    request: type[BaseModel],
+    response: type[BaseModel],
+    chunk: type[BaseModel],
+    example: dict[str, Any],
+    stream_example: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "description": (
+            "Request parameters override the model's configured defaults. With "
+            "`stream: true` the answer is `text/event-stream`: `data: <chunk>` events, the "
+            "last `data: [DONE]`; `usage` (with `ttft` and `tps`) comes once per stream."
+        ),
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": _ref(request),
+                    "examples": {
+                        "basic": {"summary": "one answer", "value": example},
+                        "stream": {"summary": "token streaming", "value": stream_example},
+                    },
+                }
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "The completion; an event stream of chunks when `stream` is true",
+                "content": {
+                    "application/json": {"schema": _ref(response)},
+                    "text/event-stream": _sse(chunk, f"One server-sent event: a {chunk.__name__}"),
+                },
+            },
+            **_errors("400", "405", "413", "429", "500", "503", "504"),
+        },
+    }
+
+
+def _openai_paths(model_name: str) -> dict[str, Any]:
+    # Small max_tokens in the examples: a request built from the document answers quickly.
+    prompt = {"model": model_name, "prompt": "tell me a short story", "max_tokens": 16}
+    chat = {
+        "model": model_name,
+        "messages": [{"role": "user", "content": "you are a story teller"}],
+        "max_tokens": 16,
+    }
+    return {
+        f"{OPENAI_PREFIX}/completions": {
+            "post": _inference_operation(
+                operation_id="createCompletion",
+                summary="OpenAI completions",
+                request=CompletionRequest,
+                response=CompletionResponse,
+                chunk=CompletionChunk,
+                example=prompt,
+                stream_example={**prompt, "stream": True},
+            )
+        },
+        f"{OPENAI_PREFIX}/chat/completions": {
+            "post": _inference_operation(
+                operation_id="createChatCompletion",
+                summary="OpenAI chat completions",
+                request=ChatCompletionRequest,
+                response=ChatCompletionResponse,
+                chunk=ChatCompletionChunk,
+                example=chat,
+                stream_example={**chat, "stream": True},
+            )
+        },
+        f"{OPENAI_PREFIX}/models": {
+            "get": {
+                "operationId": "listModels",
+                "summary": "The deployed model, as the OpenAI model list",
+                "responses": {
+                    "200": {"description": "The model list", "content": _json(_ref(ModelList))},
+                    **_errors("405", "500"),
+                },
+            }
+        },
+    }
+
+
+def _native_operation(operation_id: str, summary: str, *, extra: dict[str, Any]) -> dict[str, Any]:
+    records = {"type": "array", "minItems": 1, "items": _ref(NativeInput)}
+    example = [{"text": "tell me a short story"}]
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "description": "Generation uses the model's configured defaults.",
+        **extra,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json; format=pandas-records": {
+                    "schema": records,
+                    "examples": {"basic": {"summary": "one prompt", "value": example}},
+                },
+                "application/json": {
+                    "schema": records,
+                    "examples": {"basic": {"summary": "one prompt", "value": example}},
+                },
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "One record per input record",
+                "content": _json({"type": "array", "items": _ref(NativeOutput)}),
+            },
+            **_errors("400", "405", "413", "429", "500", "503", "504"),
+        },
+    }
+
+
+def _native_paths(pipeline: str) -> dict[str, Any]:
+    parameter = {
+        "name": "pipeline",
+        "in": "path",
+        "required": True,
+        "description": "This box's pipeline name; any other name is a 404",
+        "schema": {"type": "string", "enum": [pipeline]},
+    }
+    named = _native_operation(
+        "pipelineInfer",
+        f"Native inference on pipeline {pipeline}",
+        extra={"parameters": [parameter]},
+    )
+    named["responses"].update(_errors("404"))
+    return {
+        "/infer": {"post": _native_operation("infer", "Native inference", extra={})},
+        "/pipelines/{pipeline}": {"post": named},
+    }
+
+
+def _get(operation_id: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": summary,
+            "responses": {**responses, **_errors("405", "500")},
+        }
+    }
+
+
+def _edge_paths() -> dict[str, Any]:
+    return {
+        "/pipelines": _get(
+            "listPipelines",
+            "This box's pipeline and its status",
+            {"200": {"description": "Pipelines", "content": _json(_ref(PipelineList))}},
+        ),
+        "/models": _get(
+            "listDeployedModels",
+            "The deployed model: name, weights digest, status, version",
+            {"200": {"description": "Models", "content": _json(_ref(ModelStatusList))}},
+        ),
+        "/healthz": _get(
+            "health",
+            "Liveness: 200 while the process serves HTTP",
+            {"200": {"description": "Alive", "content": _json(_ref(Health))}},
+        ),
+        "/readyz": _get(
+            "readiness",
+            "Readiness: 200 once the model is loaded",
+            {
+                "200": {"description": "Ready", "content": _json(_ref(Readiness))},
+                "503": {
+                    "description": "Not ready yet, with the reason",
+                    "headers": {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}},
+                    "content": _json(_ref(Readiness)),
+                },
+            },
+        ),
+        "/metrics": _get(
+            "metrics",
+            "Prometheus metrics (ttft, tps, requests, tokens, the inference log)",
+            {
+                "200": {
+                    "description": "Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        ),
+        SPEC_PATH: _get(
+            "openapiSpec",
+            "This document",
+            {
+                "200": {
+                    "description": "OpenAPI 3.1.1, YAML",
+                    "content": {YAML_CONTENT_TYPE: {"schema": {"type": "string"}}},
+                }
+            },
+        ),
+        "/logs": {
+            "get": {
+                "operationId": "recentLogs",
+                "summary": "Recent inference log records, newest first",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 1000,
+                            "default": 100,
+                        },
+                    },
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "required": False,
+                        "description": "A record id: only records after it (exclusive)",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {
+                    "200": {"description": "A page of records", "content": _json(_ref(LogPage))},
+                    **_errors("400", "404", "405", "500"),
+                },
+            }
+        },
+    }
+
+
+def build_spec(settings: Settings, manifest: ModelManifest, *, server_url: str) -> dict[str, Any]:
+    """The OpenAPI 3.1.1 document of what this deployment serves at ``server_url``."""
+    enabled = openai_enabled(settings, manifest)
+    paths = _openai_paths(manifest.name) if enabled else _native_paths(settings.pipeline)
+    paths.update(_edge_paths())
+    _, schemas = _component_schemas()
+    components: dict[str, Any] = {
+        "schemas": copy.deepcopy(schemas),
+        "responses": copy.deepcopy(_ERROR_RESPONSES),
+        "headers": {
+            "RetryAfter": {
+                "description": "Seconds to wait before retrying",
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        },
+    }
+    spec: dict[str, Any] = {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": f"{settings.pipeline} inference endpoints",
+            "version": _package_version(),
+            "description": (
+                f"Pipeline `{settings.pipeline}` serving `{manifest.name}` (version "
+                f"{manifest.version}) with OpenAI compatibility "
+                f"{'on' if enabled else 'off'}."
+            ),
+        },
+        "servers": [{"url": server_url.rstrip("/")}],
+        "paths": paths,
+        "components": components,
+    }
+    if settings.auth_token:
+        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+        spec["security"] = [{"bearerAuth": []}]
+        for path, item in paths.items():
+            for operation in item.values():
+                if path in OPEN_PATHS:
+                    operation["security"] = []  # health, metrics and this document stay open
+                else:
+                    operation["responses"].update(_errors("401"))
+    return spec
+
+
+def spec_yaml(settings: Settings, manifest: ModelManifest, *, server_url: str) -> str:
+    """``build_spec`` as YAML, keys in document order."""
+    spec = build_spec(settings, manifest, server_url=server_url)
+    text: str = yaml.dump(spec, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True, width=100)
+    return text
+
+
+class _PlainDumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no types
+    """Writes shared sub-trees out in full: anchors and aliases confuse some OpenAPI tools."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+# --- serving and the CLI ----------------------------------------------------------------------
+
+
+async def openapi_yaml(request: web.Request) -> web.Response:
+    """GET /openapi.yaml: the document, with the server URL the client reached us by."""
+    from edge_agent.server.state import state_of
+
+    state = state_of(request)
+    server_url = f"{request.scheme}://{request.host}"
+    text = spec_yaml(state.settings, state.manifest, server_url=server_url)
+    return web.Response(text=text, content_type=YAML_CONTENT_TYPE)
+
+
+def add_openapi_route(app: web.Application) -> None:
+    """Register ``GET /openapi.yaml``; a second call is a no-op."""
+    for resource in app.router.resources():
+        if resource.canonical == SPEC_PATH:
+            return
+    app.router.add_get(SPEC_PATH, openapi_yaml)
+
+
+def _default_server_url(settings: Settings) -> str:
+    # 0.0.0.0 is where the daemon listens, not an address a client can use.
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    return f"http://{host}:{settings.port}"
+
+
+def _api_spec(args: argparse.Namespace) -> int:
+    from edge_agent.config import ConfigError, load_settings
+    from edge_agent.manifest import ManifestError, load_manifest
+
+    try:
+        settings = load_settings(args.config, model=args.model)
+        manifest = load_manifest(settings.model)
+    except (ConfigError, ManifestError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    text = spec_yaml(
+        settings, manifest, server_url=args.server_url or _default_server_url(settings)
+    )
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def add_api_spec_command(subparsers: Any) -> None:
+    """``edge-agent api-spec [-o FILE] [--config FILE] [--model M] [--server-url URL]``."""
+    parser = subparsers.add_parser(
+        "api-spec",
+        help="write this deployment's OpenAPI 3.1.1 document",
+        description=(
+            "Write the OpenAPI 3.1.1 YAML of the endpoints this configuration serves "
+            "(the OpenAI paths or the native /infer, by the model's OpenAI setting)."
+        ),
+    )
+    parser.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    parser.add_argument("--config", type=Path, help="TOML config file")
+    parser.add_argument("--model", help="model manifest: a .toml path or a name in models/")
+    parser.add_argument(
+        "--server-url", help="the URL clients reach the box by (default: http://<host>:<port>)"
+    )
+    parser.set_defaults(func=_api_spec)
