@@ -17,6 +17,7 @@ from edge_agent.engine.types import Backend
 from edge_agent.logbook.cli import add_logbook_commands
 from edge_agent.manifest import ManifestError, ModelManifest, load_manifest
 from edge_agent.observability import configure_logging
+from edge_agent.openapi import add_api_spec_command
 from edge_agent.server.app import create_app
 
 log = structlog.get_logger("edge_agent")
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_args(serve)
     serve.set_defaults(func=_serve)
     add_logbook_commands(commands)
+    add_api_spec_command(commands)
     return parser
 
 

@@ -35,13 +35,12 @@ from edge_agent.protocol import (
     CompletionResponse,
     ModelList,
 )
+from edge_agent.server.middleware import OPEN_PATHS
 
 OPENAPI_VERSION = "3.1.1"
 OPENAI_PREFIX = "/infer/openai/v1"
 SPEC_PATH = "/openapi.yaml"
 YAML_CONTENT_TYPE = "application/yaml"
-# Paths the bearer-token middleware leaves open (server/middleware.py keeps the same set).
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", SPEC_PATH})
 _REF = "#/components/schemas/{model}"
 
 
@@ -474,7 +473,8 @@ def _edge_paths() -> dict[str, Any]:
             {
                 "200": {
                     "description": "OpenAPI 3.1.1, YAML",
-                    "content": {YAML_CONTENT_TYPE: {"schema": {"type": "string"}}},
+                    # YAML is a JSON superset: clients parse it to this one object.
+                    "content": {YAML_CONTENT_TYPE: {"schema": {"type": "object"}}},
                 }
             },
         ),
@@ -561,7 +561,7 @@ def spec_yaml(settings: Settings, manifest: ModelManifest, *, server_url: str) -
     return text
 
 
-class _PlainDumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no types
+class _PlainDumper(yaml.SafeDumper):
     """Writes shared sub-trees out in full: anchors and aliases confuse some OpenAPI tools."""
 
     def ignore_aliases(self, data: Any) -> bool:

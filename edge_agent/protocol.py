@@ -6,9 +6,9 @@ as vLLM does; those are ignored for generation and kept in the inference log.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 # Fields that shape generation; the model's configured defaults may set any of them.
 SAMPLING_FIELDS = (
@@ -38,13 +38,39 @@ class StreamOptions(_Request):
 
 class JsonSchemaFormat(_Request):
     name: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+class TextFormat(_Request):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# Constraints live in the types, not in validators, so the OpenAPI document generated
+# from these models refuses exactly what the server refuses.
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
+]
+NonEmptyText = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[int], Field(min_length=1)]
+StopSequences = NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=16)]
+TokenIdKey = Annotated[str, Field(pattern=r"^-?\d+$")]
+Bias = Annotated[float, Field(ge=-100, le=100)]
+Prompt = (
+    NonEmptyText
+    | Annotated[list[NonEmptyText], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
 
 
 class SamplingFields(_Request):
@@ -56,63 +82,32 @@ class SamplingFields(_Request):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    stop: str | list[str] | None = None
+    stop: StopSequences | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[TokenIdKey, Bias] | None = Field(
+        default=None,
+        # Pydantic validates the key pattern but does not put it in the JSON schema.
+        json_schema_extra={"propertyNames": {"pattern": r"^-?\d+$"}},
+    )
     n: int | None = Field(default=None, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError("biases must be between -100 and 100")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _schema_given(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type == "json_schema":
-            if value.json_schema is None or value.json_schema.schema_ is None:
-                raise ValueError("json_schema.schema is required for type json_schema")
-        return value
-
     def extra_fields(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=16)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_empty(cls, value: Any) -> Any:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be an empty list")
-        return value
 
 
 class TextPart(_Request):

@@ -24,7 +24,7 @@ from schemathesis.specs.openapi import checks as openapi_checks
 
 from edge_agent.config import Settings
 from edge_agent.manifest import ModelManifest, load_manifest
-from edge_agent.openapi import SPEC_PATH, build_spec
+from edge_agent.openapi import build_spec
 from tests.conftest import Daemon
 
 pytestmark = pytest.mark.slow
@@ -50,17 +50,6 @@ def native_manifest() -> str:
     )
 
 
-def _served(daemon: Daemon, path: str) -> bool:
-    try:
-        with urllib.request.urlopen(daemon.url + path, timeout=10) as response:
-            return bool(response.status == 200)
-    except urllib.error.HTTPError:
-        return False
-
-
-PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
-
-
 def _post(daemon: Daemon, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         daemon.url + path,
@@ -72,17 +61,6 @@ def _post(daemon: Daemon, path: str, body: dict[str, Any]) -> tuple[int, dict[st
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         return error.code, json.load(error)
-
-
-@pytest.fixture(scope="module")
-def penalties_crash(daemon: Daemon) -> bool:
-    """Whether the penalty sampler bug (test_penalties_are_applied_not_a_500) is still there.
-
-    While it is, the sweep leaves penalties out so that it keeps looking for other
-    failures; once fixed, penalties are fuzzed again without touching this file.
-    """
-    status, _ = _post(daemon, COMPLETIONS, {"prompt": "hi", "max_tokens": 1, "presence_penalty": 1})
-    return status == 500
 
 
 def _bound(body: Any) -> None:
@@ -152,21 +130,16 @@ def native_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         server.stop()
 
 
-def _prepare(case: schemathesis.Case, daemon: Daemon, penalties_crash: bool) -> None:
-    if case.path == SPEC_PATH and not _served(daemon, SPEC_PATH):
-        pytest.skip("this build's create_app does not register GET /openapi.yaml yet")
+def _prepare(case: schemathesis.Case) -> None:
     _bound(case.body)
-    if penalties_crash and isinstance(case.body, dict):
-        for field in PENALTIES:
-            case.body.pop(field, None)
 
 
 @openai_schema.parametrize()
 @HYPOTHESIS
 def test_openai_deployment_conforms_to_its_document(
-    case: schemathesis.Case, daemon: Daemon, penalties_crash: bool
+    case: schemathesis.Case, daemon: Daemon
 ) -> None:
-    _prepare(case, daemon, penalties_crash)
+    _prepare(case)
     case.call_and_validate(base_url=daemon.url, timeout=60, excluded_checks=EXCLUDED)
 
 
@@ -175,7 +148,7 @@ def test_openai_deployment_conforms_to_its_document(
 def test_native_deployment_with_token_conforms_to_its_document(
     case: schemathesis.Case, native_daemon: Daemon
 ) -> None:
-    _prepare(case, native_daemon, penalties_crash=False)
+    _prepare(case)
     case.call_and_validate(base_url=native_daemon.url, timeout=60, excluded_checks=EXCLUDED)
 
 
@@ -195,14 +168,7 @@ def test_daemon_still_serves_after_fuzzing(daemon: Daemon) -> None:
 
 # --- regression tests for what the sweep found ----------------------------------------------
 
-PENALTY_BUG = (
-    "engine/backends/llamacpp_sampling.py SamplerChain.__init__ calls "
-    "llama_sampler_init_penalties without its first argument, n_vocab (llama-cpp-python "
-    "0.3.36 takes 5): every request with a penalty is a 500"
-)
 
-
-@pytest.mark.xfail(reason=PENALTY_BUG, strict=False)
 @pytest.mark.parametrize(
     "penalty", [("repetition_penalty", 1.3), ("frequency_penalty", 0.5), ("presence_penalty", 0.5)]
 )
@@ -219,31 +185,21 @@ def _request_schema_accepts(spec: dict[str, Any], component: str, body: Any) -> 
     return jsonschema.Draft202012Validator(root).is_valid(body)
 
 
-SPEC_GAP = (
-    "protocol.py checks this in a field_validator (or prepare() refuses it), so the "
-    "generated schema allows what the server answers 400: express it as a Field constraint"
-)
-_gap = pytest.mark.xfail(reason=SPEC_GAP, strict=False)
-
-
 @pytest.mark.parametrize(
     "body",
     [
         pytest.param({"prompt": "hi", "max_tokens": 0}, id="max_tokens-zero"),
         pytest.param({"prompt": "hi", "temperature": 3}, id="temperature-over-2"),
         pytest.param({"max_tokens": 4}, id="no-prompt"),
-        pytest.param({"prompt": "", "max_tokens": 4}, id="empty-prompt", marks=_gap),
-        pytest.param({"prompt": [[]], "max_tokens": 4}, id="empty-token-list", marks=_gap),
-        pytest.param({"prompt": "hi", "stop": ""}, id="empty-stop", marks=_gap),
-        pytest.param(
-            {"prompt": "hi", "stop": list("abcdefghijklmnopq")}, id="17-stops", marks=_gap
-        ),
-        pytest.param({"prompt": "hi", "logit_bias": {"abc": 1}}, id="bias-key", marks=_gap),
-        pytest.param({"prompt": "hi", "logit_bias": {"1": 101}}, id="bias-value", marks=_gap),
+        pytest.param({"prompt": "", "max_tokens": 4}, id="empty-prompt"),
+        pytest.param({"prompt": [[]], "max_tokens": 4}, id="empty-token-list"),
+        pytest.param({"prompt": "hi", "stop": ""}, id="empty-stop"),
+        pytest.param({"prompt": "hi", "stop": list("abcdefghijklmnopq")}, id="17-stops"),
+        pytest.param({"prompt": "hi", "logit_bias": {"abc": 1}}, id="bias-key"),
+        pytest.param({"prompt": "hi", "logit_bias": {"1": 101}}, id="bias-value"),
         pytest.param(
             {"prompt": "hi", "response_format": {"type": "json_schema"}},
             id="json-schema-without-schema",
-            marks=_gap,
         ),
     ],
 )

@@ -100,6 +100,14 @@ def test_a_body_that_is_not_records_is_400(native: Daemon) -> None:
     assert answer["error"]["type"] == "invalid_request_error"
 
 
+def test_an_empty_text_is_400_not_a_server_error(native: Daemon) -> None:
+    # Found by the schemathesis sweep: an empty prompt reached the request model and was a 500.
+    status, answer = post(native, "/infer", [{"text": "Hello"}, {"text": ""}])
+    assert status == 400
+    assert answer["error"]["param"] == "text"
+    assert post(native, "/infer", RECORDS)[0] == 200
+
+
 @pytest.mark.parametrize(
     "path", ["/infer/openai/v1/completions", "/infer/openai/v1/chat/completions"]
 )

@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Inference paths need the bearer token when one is configured; health and metrics stay open.
-_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.yaml"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.yaml"})
 
 
 def error_response(error: ApiError) -> web.Response:
@@ -66,7 +66,7 @@ def _http_error(exc: web.HTTPException) -> ApiError:
 @web.middleware
 async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = state_of(request).settings.auth_token
-    if token and request.path not in _OPEN_PATHS:
+    if token and request.path not in OPEN_PATHS:
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):

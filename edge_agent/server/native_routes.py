@@ -102,8 +102,9 @@ def _texts(raw: bytes) -> list[str]:
         raise InvalidRequest('body must be pandas-records JSON: [{"text": "..."}, ...]')
     texts = []
     for index, record in enumerate(records):
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise InvalidRequest(f"record {index}: needs a string field 'text'", param="text")
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text:
+            raise InvalidRequest(f"record {index}: needs a non-empty string 'text'", param="text")
         texts.append(record["text"])
     return texts
 

@@ -62,6 +62,8 @@ def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
     param = ""
     in_union_member = False
     for part in first["loc"]:
+        if param in _USER_KEYED_FIELDS:
+            break  # what follows is the client's own key (a token id), not a field
         if isinstance(part, str) and _is_union_tag(part):
             # Pydantic names the union member it tried: the field path ends before it.
             in_union_member = True
@@ -76,10 +78,12 @@ def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
 
 
 _SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+_USER_KEYED_FIELDS = frozenset({"logit_bias"})
 
 
 def _is_union_tag(part: str) -> bool:
-    return part in _SCALAR_TAGS or "[" in part or part[:1].isupper() or part.startswith("function")
+    """Pydantic's names for union members: str, list[int], constrained-str, TextFormat..."""
+    return part in _SCALAR_TAGS or "[" in part or "-" in part or part[:1].isupper()
 
 
 def validate_defaults(defaults: dict[str, Any], where: str) -> None:

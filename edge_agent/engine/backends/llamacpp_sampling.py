@@ -57,6 +57,7 @@ class SamplerChain:
         ):
             add(
                 llama_cpp.llama_sampler_init_penalties(
+                    n_vocab,
                     PENALTY_LAST_N,
                     params.repetition_penalty,
                     params.frequency_penalty,
