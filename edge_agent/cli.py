@@ -11,6 +11,8 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from edge_agent import sdnotify
+from edge_agent.checks import format_results, run_checks
 from edge_agent.config import ConfigError, Settings, load_settings
 from edge_agent.engine.backend_choice import BackendChoiceError, build_backend, choose_backend
 from edge_agent.engine.types import Backend
@@ -18,7 +20,9 @@ from edge_agent.logbook.cli import add_logbook_commands
 from edge_agent.manifest import ManifestError, ModelManifest, load_manifest
 from edge_agent.observability import configure_logging
 from edge_agent.openapi import add_api_spec_command
-from edge_agent.server.app import create_app
+from edge_agent.server.app import create_app, wait_until_loaded
+from edge_agent.server.reload import apply_reload
+from edge_agent.server.state import STATE_KEY
 
 log = structlog.get_logger("edge_agent")
 
@@ -54,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _settings_args(serve)
     serve.set_defaults(func=_serve)
+    check = commands.add_parser(
+        "check",
+        help="verify config, model file and sha256, backend, port and state directory",
+        description="Exit status 0 only when every check passes (install.sh runs this).",
+    )
+    _settings_args(check)
+    check.add_argument(
+        "--skip-port", action="store_true", help="skip the port check (the service is running)"
+    )
+    check.set_defaults(func=_check)
     add_logbook_commands(commands)
     add_api_spec_command(commands)
     return parser
@@ -84,6 +98,19 @@ def make_backend(settings: Settings, manifest: ModelManifest) -> Backend:
     return build_backend(choice, manifest, settings)
 
 
+def _check(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(
+            args.config, host=args.host, port=args.port, state_dir=args.state_dir, model=args.model
+        )
+    except ConfigError as exc:
+        print(f"FAIL config: {exc}\nsome checks failed")
+        return 1
+    results = run_checks(settings, check_port=not args.skip_port)
+    print(format_results(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         settings, manifest = _load(args)
@@ -93,12 +120,11 @@ def _serve(args: argparse.Namespace) -> int:
     except (ConfigError, ManifestError, BackendChoiceError, ValueError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_run(app, settings))
+    return asyncio.run(_run(app, settings, args))
 
 
-async def _run(app: web.Application, settings: Settings) -> int:
-    from edge_agent.server.state import STATE_KEY
-
+async def _run(app: web.Application, settings: Settings, args: argparse.Namespace) -> int:
+    state = app[STATE_KEY]
     # Cancel a handler when its client goes away, so its generation stops at once.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -112,19 +138,61 @@ async def _run(app: web.Application, settings: Settings) -> int:
         await runner.cleanup()
         return 2
     log.info("listening", host=settings.host, port=settings.port, pipeline=settings.pipeline)
+    watchdog = sdnotify.WatchdogPinger()
+    watchdog.start()
+    announcer = asyncio.create_task(_announce_when_ready(app))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()  # held so a running reload is not collected
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(_reload(app, args))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
-    state = app[STATE_KEY]
-    log.info("stopping", in_flight=state.scheduler.in_flight, grace_s=settings.shutdown_grace_s)
-    drained = await state.scheduler.drain(settings.shutdown_grace_s)
-    if not drained:
+
+    # Readiness drops first: new requests get 503 while in-flight streams finish.
+    grace = state.settings.shutdown_grace_s
+    sdnotify.stopping(f"draining {state.scheduler.in_flight} sequences")
+    log.info("stopping", in_flight=state.scheduler.in_flight, grace_s=grace)
+    if not await state.scheduler.drain(grace):
         log.warning("grace_period_over", in_flight=state.scheduler.in_flight)
-    await runner.cleanup()
+    announcer.cancel()
+    await runner.cleanup()  # closes the backend, then flushes and closes the log store
+    await watchdog.stop()
     log.info("stopped")
     return 0
+
+
+async def _announce_when_ready(app: web.Application) -> None:
+    """READY=1 only once the model is loaded and the port is serving."""
+    await wait_until_loaded(app)
+    state = app[STATE_KEY]
+    if state.status == "Running":
+        sdnotify.ready(f"serving {state.manifest.name} on {state.backend.info.name}")
+    else:
+        sdnotify.status(state.status_detail)
+
+
+async def _reload(app: web.Application, args: argparse.Namespace) -> None:
+    state = app[STATE_KEY]
+    sdnotify.reloading()
+    try:
+        new = load_settings(
+            args.config, host=args.host, port=args.port, state_dir=args.state_dir, model=args.model
+        )
+    except ConfigError as exc:
+        log.error("reload_rejected", error=str(exc))
+    else:
+        applied, needs_restart = apply_reload(state, new)
+        log.info("reloaded", applied=applied, needs_restart=needs_restart)
+        if needs_restart:
+            log.warning("reload_needs_restart", settings=needs_restart)
+    sdnotify.ready("serving (reloaded)")
 
 
 if __name__ == "__main__":

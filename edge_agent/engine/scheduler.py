@@ -73,6 +73,11 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    def reconfigure(self, *, max_queue: int, request_timeout_s: float) -> None:
+        """Apply a reloaded queue bound and deadline to requests admitted from now on."""
+        self._capacity = self.backend.info.parallel + max_queue
+        self._timeout = request_timeout_s
+
     @property
     def queued(self) -> int:
         return max(0, self.in_flight - self.backend.info.parallel)

@@ -1,0 +1,23 @@
+"""SIGHUP: apply a reloaded configuration where that needs no restart, and say what does."""
+
+from __future__ import annotations
+
+from edge_agent.config import Settings
+from edge_agent.server.state import AppState
+
+# Read per request (or per admission), so a new value takes effect at once.
+_LIVE = frozenset({"auth_token", "request_timeout_s", "max_queue", "shutdown_grace_s"})
+
+
+def apply_reload(state: AppState, new: Settings) -> tuple[list[str], list[str]]:
+    """Swap in ``new`` for what can change live; return (applied, needing a restart)."""
+    old = state.settings
+    changed = [name for name in Settings.model_fields if getattr(old, name) != getattr(new, name)]
+    applied = [name for name in changed if name in _LIVE]
+    needs_restart = [name for name in changed if name not in _LIVE]
+    # Keep the running values of what cannot change live, so state stays truthful.
+    state.settings = old.model_copy(update={name: getattr(new, name) for name in applied})
+    state.scheduler.reconfigure(
+        max_queue=state.settings.max_queue, request_timeout_s=state.settings.request_timeout_s
+    )
+    return applied, needs_restart
