@@ -70,6 +70,29 @@ async def test_prefix_reuse_keeps_greedy_text_the_same(make_client: Any) -> None
     assert warm["choices"][0]["message"] == cold["choices"][0]["message"]
 
 
+async def test_a_follow_up_turn_reusing_the_cached_answer_keeps_the_text(
+    make_client: Any,
+) -> None:
+    """The second turn's prompt holds the first turn's answer, whose KV was made token by
+    token while generating; reusing it must give the text a cold prefill gives."""
+    first: list[dict[str, str]] = [{"role": "user", "content": "Name a planet."}]
+    body: dict[str, Any] = {"max_tokens": 24, "temperature": 0}
+
+    async def follow_up(client: Any) -> str:
+        answer = await (await client.post(CHAT, json={**body, "messages": first})).json()
+        turn = [
+            *first,
+            {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "Tell me more about it."},
+        ]
+        second = await (await client.post(CHAT, json={**body, "messages": turn})).json()
+        return str(second["choices"][0]["message"]["content"])
+
+    cold = await follow_up(await make_client(parallel=1, prefix_cache=False))
+    warm = await follow_up(await make_client(parallel=1, prefix_cache=True))
+    assert warm == cold
+
+
 async def test_a_long_prompt_arriving_mid_stream_does_not_disturb_it(make_client: Any) -> None:
     client = await make_client(parallel=4)
     question = QUESTIONS[0]

@@ -17,8 +17,9 @@ or cached) rests on three things, each checked by the tests:
 - flash attention off: its CPU kernel tiles multi-token batches, so a prompt's KV
   would depend on how the prompt was split.
 
-With those, a prompt's KV is the same however it is chunked, so prefix reuse may
-reuse any whole ``PREFILL_CHUNK`` of a slot's cached tokens.
+With those, a token's KV is the same however the prompt around it was batched, so
+prefix reuse may take any prefix of a slot's cached tokens (prompt or generated);
+prompts are still prefilled in ``PREFILL_CHUNK`` pieces to bound each step.
 """
 
 from __future__ import annotations
@@ -192,10 +193,8 @@ class DecodeLoop:
             common = _common_prefix(slot.cached, prompt)
             if common > best_len:
                 best, best_len = slot, common
-        # Reuse whole prefill chunks only, and always leave one prompt token to decode
-        # so the sequence gets fresh logits for its first sample.
+        # Always leave one prompt token to decode, so the first sample has fresh logits.
         usable = min(best_len, len(prompt) - 1)
-        usable -= usable % PREFILL_CHUNK
         if usable == 0:
             # Prefer a slot whose cache nobody is likely to want: the emptiest one.
             best = min(free, key=lambda s: len(s.cached)) if best_len == 0 else best

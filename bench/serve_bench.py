@@ -1,0 +1,426 @@
+"""Side-by-side serving benchmark: edge-agent against llama-cpp-python's own OpenAI server.
+
+One command, one run, the same model and thread count for every server:
+
+    .venv/bin/python bench/serve_bench.py [--quick]
+
+Sweeps 1, 2, 4 and 8 concurrent streaming chat clients (fixed prompts, fixed
+max_tokens, temperature 0) against each server in turn (never both at once), then
+measures the ceiling (the model driven in-process by llama-cpp-python, no HTTP) and
+prefix reuse (a ~1,000-token system prompt sent twice). Prints a markdown table and
+the ratios against the targets, and writes bench/out/serve_bench.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "out"
+CONCURRENCY = (1, 2, 4, 8)
+QUESTIONS = [
+    "Tell me a story about a robot.",
+    "What is the capital of France?",
+    "Write a poem about the sea.",
+    "Explain gravity to a child.",
+    "List three fruits and their colors.",
+    "Who wrote Hamlet?",
+    "Describe a cat in detail.",
+    "How do airplanes fly?",
+]
+# End-of-text tokens biased away so every request makes exactly max_tokens tokens.
+NO_END = {"0": -100, "1": -100, "2": -100}
+
+
+@dataclass
+class Round:
+    server: str
+    concurrency: int
+    aggregate_tps: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    stream_tps_p50: float
+    peak_rss_mib: float
+    requests: int
+
+
+@dataclass
+class Results:
+    machine: dict[str, Any]
+    max_tokens: int
+    rounds: list[Round] = field(default_factory=list)
+    direct: dict[str, float] = field(default_factory=dict)
+    prefix: dict[str, float] = field(default_factory=dict)
+
+
+def gguf_path() -> Path:
+    sys.path.insert(0, str(REPO))
+    from edge_agent.manifest import load_manifest
+
+    return load_manifest("smollm2-135m-instruct").gguf_path()
+
+
+class RssSampler:
+    """Peak resident memory of a process, sampled every 50 ms on a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self._process.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.05)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = 0
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], port: int, base: str, env: dict[str, str]):
+        self.name, self.port, self.base = name, port, base
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            command,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            cwd=REPO,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.base}"
+
+    async def wait_ready(self, probe: str, limit_s: float = 120) -> None:
+        deadline = time.monotonic() + limit_s
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited; see {self.log.name}")
+                try:
+                    async with session.get(f"http://127.0.0.1:{self.port}{probe}") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"{self.name} not ready; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+async def one_stream(
+    session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[float, int, float]:
+    """(ttft, content chunks, seconds) for one streaming chat request, as the client sees it."""
+    body = {
+        "model": "bench",
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "logit_bias": NO_END,
+    }
+    started = time.perf_counter()
+    ttft = 0.0
+    tokens = 0
+    async with session.post(f"{url}/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            if choices and (choices[0].get("delta") or {}).get("content"):
+                tokens += 1
+                if tokens == 1:
+                    ttft = time.perf_counter() - started
+    return ttft, tokens, time.perf_counter() - started
+
+
+async def sweep(server: Server, max_tokens: int, per_client: int) -> list[Round]:
+    rounds = []
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        # Warm-up: first-request costs (page faults, allocations) are not serving speed.
+        await one_stream(session, server.url, [{"role": "user", "content": "Hi"}], 8)
+        for concurrency in CONCURRENCY:
+
+            async def client(index: int) -> list[tuple[float, int, float]]:
+                out = []
+                for request in range(per_client):
+                    question = QUESTIONS[(index + request) % len(QUESTIONS)]
+                    messages = [{"role": "user", "content": question}]
+                    out.append(await one_stream(session, server.url, messages, max_tokens))
+                return out
+
+            with RssSampler(server.process.pid) as rss:
+                started = time.perf_counter()
+                per = await asyncio.gather(*(client(i) for i in range(concurrency)))
+                wall = time.perf_counter() - started
+            samples = [s for client_samples in per for s in client_samples]
+            ttfts = sorted(s[0] for s in samples)
+            rounds.append(
+                Round(
+                    server=server.name,
+                    concurrency=concurrency,
+                    aggregate_tps=sum(s[1] for s in samples) / wall,
+                    ttft_p50_ms=statistics.median(ttfts) * 1000,
+                    ttft_p99_ms=ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] * 1000,
+                    stream_tps_p50=statistics.median(s[1] / s[2] for s in samples),
+                    peak_rss_mib=rss.peak / 2**20,
+                    requests=len(samples),
+                )
+            )
+            print(f"  {server.name} x{concurrency}: {rounds[-1].aggregate_tps:.1f} tok/s")
+    return rounds
+
+
+async def prefix_reuse(server: Server, max_tokens: int) -> dict[str, float]:
+    """ttft of a ~1,000-token system prompt the first time, and again with a new question."""
+    system = " ".join(
+        f"Rule {i}: keep line {i} running, log every stop, and report faults." for i in range(70)
+    )
+    async with aiohttp.ClientSession() as session:
+
+        async def ask(question: str) -> float:
+            messages = [
+                {"role": "system", "content": system},
+                {"role": "user", "content": question},
+            ]
+            ttft, _, _ = await one_stream(session, server.url, messages, max_tokens)
+            return ttft
+
+        first = await ask("Which rule covers line 3?")
+        again = await ask("Which rule covers line 9?")
+    return {"first_ttft_ms": first * 1000, "again_ttft_ms": again * 1000, "ratio": first / again}
+
+
+def direct_ceiling(model: Path, threads: int, max_tokens: int, requests: int) -> dict[str, float]:
+    """The same model driven in-process by llama-cpp-python: no HTTP, one stream."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(model), n_threads=threads, n_ctx=4096, verbose=False)
+    ttfts, rates = [], []
+    bias = {int(k): v for k, v in NO_END.items()}
+    for index in range(requests + 1):
+        messages: Any = [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}]
+        started = time.perf_counter()
+        first, tokens = 0.0, 0
+        for chunk in llm.create_chat_completion(
+            messages, max_tokens=max_tokens, temperature=0, stream=True, logit_bias=bias
+        ):
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):  # type: ignore[index]
+                tokens += 1
+                if tokens == 1:
+                    first = time.perf_counter() - started
+        if index:  # the first is the warm-up
+            ttfts.append(first)
+            rates.append(tokens / (time.perf_counter() - started))
+    return {"ttft_ms": statistics.median(ttfts) * 1000, "tps": statistics.median(rates)}
+
+
+def table(results: Results) -> str:
+    lines = [
+        "| server | streams | aggregate tok/s | ttft p50 ms | ttft p99 ms "
+        "| per-stream tok/s p50 | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results.rounds:
+        lines.append(
+            f"| {r.server} | {r.concurrency} | {r.aggregate_tps:.1f} | {r.ttft_p50_ms:.0f} | "
+            f"{r.ttft_p99_ms:.0f} | {r.stream_tps_p50:.1f} | {r.peak_rss_mib:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(results: Results) -> list[tuple[str, str, bool]]:
+    by = {(r.server, r.concurrency): r for r in results.rounds}
+    edge1, edge8 = by[("edge-agent", 1)], by[("edge-agent", 8)]
+    lcs8 = by[("llama_cpp.server", 8)]
+    direct = results.direct
+    checks = [
+        (
+            "single stream tok/s >= 0.95 x direct llama-cpp-python",
+            f"{edge1.stream_tps_p50:.1f} / {direct['tps']:.1f} = "
+            f"{edge1.stream_tps_p50 / direct['tps']:.2f}",
+            edge1.stream_tps_p50 >= 0.95 * direct["tps"],
+        ),
+        (
+            "single stream ttft <= direct + 5 ms",
+            f"{edge1.ttft_p50_ms:.1f} ms vs {direct['ttft_ms']:.1f} ms "
+            f"({edge1.ttft_p50_ms - direct['ttft_ms']:+.1f} ms)",
+            edge1.ttft_p50_ms <= direct["ttft_ms"] + 5,
+        ),
+        (
+            "8 streams aggregate >= 1.8 x edge-agent single stream",
+            f"{edge8.aggregate_tps:.1f} / {edge1.aggregate_tps:.1f} = "
+            f"{edge8.aggregate_tps / edge1.aggregate_tps:.2f}",
+            edge8.aggregate_tps >= 1.8 * edge1.aggregate_tps,
+        ),
+        (
+            "8 streams aggregate >= 1.5 x llama_cpp.server at 8",
+            f"{edge8.aggregate_tps:.1f} / {lcs8.aggregate_tps:.1f} = "
+            f"{edge8.aggregate_tps / lcs8.aggregate_tps:.2f}",
+            edge8.aggregate_tps >= 1.5 * lcs8.aggregate_tps,
+        ),
+        (
+            "1,000-token system prompt again: ttft >= 3x lower",
+            f"{results.prefix['first_ttft_ms']:.0f} ms -> {results.prefix['again_ttft_ms']:.0f} ms "
+            f"= {results.prefix['ratio']:.1f}x",
+            results.prefix["ratio"] >= 3,
+        ),
+        (
+            "peak RSS at 8 streams < 2 x single stream",
+            f"{edge8.peak_rss_mib:.0f} / {edge1.peak_rss_mib:.0f} MiB = "
+            f"{edge8.peak_rss_mib / edge1.peak_rss_mib:.2f}",
+            edge8.peak_rss_mib < 2 * edge1.peak_rss_mib,
+        ),
+    ]
+    return checks
+
+
+def plot(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for server in ("edge-agent", "llama_cpp.server"):
+        rounds = [r for r in results.rounds if r.server == server]
+        xs = [r.concurrency for r in rounds]
+        left.plot(xs, [r.aggregate_tps for r in rounds], marker="o", label=server)
+        right.plot(xs, [r.ttft_p50_ms for r in rounds], marker="o", label=server)
+    left.axhline(results.direct["tps"], linestyle="--", color="grey", label="direct, 1 stream")
+    left.set(xlabel="concurrent streams", ylabel="aggregate completion tok/s", xticks=CONCURRENCY)
+    right.set(xlabel="concurrent streams", ylabel="ttft p50 (ms)", xticks=CONCURRENCY)
+    right.set_yscale("log")
+    left.legend()
+    right.legend()
+    machine = results.machine
+    fig.suptitle(
+        f"SmolLM2-135M Q4_1, {results.max_tokens} tokens/request, "
+        f"{machine['cores']} cores ({machine['cpu']})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests: a sanity run")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    per_client = 1 if args.quick else 3
+    threads = os.cpu_count() or 1
+    model = gguf_path()
+    results = Results(machine=machine(), max_tokens=args.max_tokens)
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    state = tempfile.mkdtemp(prefix="bench-state-")
+    edge = Server(
+        "edge-agent",
+        [sys.executable, "-m", "edge_agent.cli", "serve", "--host", "127.0.0.1",
+         "--port", "18301", "--state-dir", state],
+        18301,
+        "/infer/openai/v1",
+        {"EDGE_AGENT_PARALLEL": "8", "EDGE_AGENT_THREADS": str(threads),
+         "EDGE_AGENT_LOG_FORMAT": "json"},
+    )  # fmt: skip
+    try:
+        await edge.wait_ready("/readyz")
+        print("edge-agent (logging on, 8 slots):")
+        results.rounds += await sweep(edge, args.max_tokens, per_client)
+        results.prefix = await prefix_reuse(edge, 8)
+    finally:
+        edge.stop()
+
+    other = Server(
+        "llama_cpp.server",
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads",
+         str(threads), "--n_ctx", "4096", "--port", "18302", "--host", "127.0.0.1",
+         "--chat_format", "chatml",
+         # Its default cuts a running stream off when another request arrives: queue instead.
+         "--interrupt_requests", "False"],
+        18302,
+        "/v1",
+        {},
+    )  # fmt: skip
+    try:
+        await other.wait_ready("/v1/models")
+        print("llama_cpp.server:")
+        results.rounds += await sweep(other, args.max_tokens, per_client)
+    finally:
+        other.stop()
+
+    print("direct llama-cpp-python (in-process, no HTTP):")
+    results.direct = direct_ceiling(model, threads, args.max_tokens, 3 if args.quick else 5)
+
+    print()
+    print(table(results))
+    print()
+    print(f"direct llama-cpp-python, one stream: {results.direct['tps']:.1f} tok/s, "
+          f"ttft {results.direct['ttft_ms']:.1f} ms")  # fmt: skip
+    print()
+    for name, figures, held in targets(results):
+        print(f"- [{'held' if held else 'MISSED'}] {name}: {figures}")
+    (OUT / "serve_bench.json").write_text(
+        json.dumps({**asdict(results), "targets": targets(results)}, indent=2)
+    )
+    plot(results, OUT / "serve_bench.png")
+    print(f"\nwrote {OUT / 'serve_bench.json'} and {OUT / 'serve_bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
