@@ -93,33 +93,39 @@ async def main() -> None:
     parser.add_argument("--appenders", default="1,4,16,64,256")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        store = LogStore(Path(tmp) / "logbook.db", registry=CollectorRegistry())
-        try:
-            await latency(store, 50, args.size)  # warm up
-            samples = await latency(store, args.requests, args.size)
-            off, on = samples["off"], samples["on"]
-            ms = 1000.0
-            print(
-                f"record ~{len(json.dumps(make_request_record(args.size)))} bytes, "
-                f"{args.requests} requests per mode, one appender"
-            )
-            print(f"{'':12}{'median ms':>12}{'p99 ms':>12}")
-            print(
-                f"{'logging off':12}{statistics.median(off) * ms:12.3f}{pct(off, 0.99) * ms:12.3f}"
-            )
-            print(f"{'logging on':12}{statistics.median(on) * ms:12.3f}{pct(on, 0.99) * ms:12.3f}")
-            print(
-                f"{'added':12}{(statistics.median(on) - statistics.median(off)) * ms:12.3f}"
-                f"{(pct(on, 0.99) - pct(off, 0.99)) * ms:12.3f}"
-            )
-            print()
-            print(f"{'appenders':>10}{'records/s':>12}{'per commit':>12}")
-            for appenders in (int(a) for a in args.appenders.split(",")):
-                rate, per_commit = await throughput(store, appenders, args.seconds, args.size)
-                print(f"{appenders:>10}{rate:12.0f}{per_commit:12.1f}")
-        finally:
-            await store.aclose()
+    # Both durability settings in one run (logs.sync): full fsyncs every commit group,
+    # normal leaves committed pages to the OS (safe from kill -9, not from power loss).
+    for sync in ("full", "normal"):
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            store = LogStore(Path(tmp) / "logbook.db", registry=CollectorRegistry(), sync=sync)
+            try:
+                await report(store, sync, args)
+            finally:
+                await store.aclose()
+
+
+async def report(store: LogStore, sync: str, args: argparse.Namespace) -> None:
+    await latency(store, 50, args.size)  # warm up
+    samples = await latency(store, args.requests, args.size)
+    off, on = samples["off"], samples["on"]
+    ms = 1000.0
+    print(
+        f"logs.sync = {sync}: record ~{len(json.dumps(make_request_record(args.size)))} bytes, "
+        f"{args.requests} requests per mode, one appender"
+    )
+    print(f"{'':12}{'median ms':>12}{'p99 ms':>12}")
+    print(f"{'logging off':12}{statistics.median(off) * ms:12.3f}{pct(off, 0.99) * ms:12.3f}")
+    print(f"{'logging on':12}{statistics.median(on) * ms:12.3f}{pct(on, 0.99) * ms:12.3f}")
+    print(
+        f"{'added':12}{(statistics.median(on) - statistics.median(off)) * ms:12.3f}"
+        f"{(pct(on, 0.99) - pct(off, 0.99)) * ms:12.3f}"
+    )
+    print()
+    print(f"{'appenders':>10}{'records/s':>12}{'per commit':>12}")
+    for appenders in (int(a) for a in args.appenders.split(",")):
+        rate, per_commit = await throughput(store, appenders, args.seconds, args.size)
+        print(f"{appenders:>10}{rate:12.0f}{per_commit:12.1f}")
+    print()
 
 
 if __name__ == "__main__":

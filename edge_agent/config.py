@@ -63,6 +63,10 @@ class _Section(BaseModel):
 
 class LogSettings(_Section):
     enabled: bool = True
+    # full: every commit is fsynced before the response ends (survives power loss);
+    # normal: no fsync in the request path (survives kill -9 and crashes of the daemon,
+    # not of the box): the documented speed-up for boxes on reliable power.
+    sync: Literal["full", "normal"] = "full"
     # Storage cap for the local inference log; LOCAL_INFERENCE_STORAGE is accepted too.
     max_bytes: int = 1024**3
 

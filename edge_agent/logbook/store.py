@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import structlog
 
@@ -196,6 +196,7 @@ class LogStore:
         max_bytes: int = DEFAULT_MAX_BYTES,
         registry: CollectorRegistry | None = None,
         max_group: int = 1024,
+        sync: Literal["full", "normal"] = "full",
     ) -> None:
         """Open (or create) the store; a damaged file is moved aside and a fresh one started.
 
@@ -204,6 +205,7 @@ class LogStore:
         """
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self._sync = sync
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -251,7 +253,12 @@ class LogStore:
         registry: CollectorRegistry | None = None,
     ) -> LogStore:
         """The daemon's store: ``<state_dir>/logbook.db`` capped at ``settings.max_bytes``."""
-        return cls(Path(state_dir) / DB_FILENAME, max_bytes=settings.max_bytes, registry=registry)
+        return cls(
+            Path(state_dir) / DB_FILENAME,
+            max_bytes=settings.max_bytes,
+            registry=registry,
+            sync=settings.sync,
+        )
 
     # ------------------------------------------------------------------ public API
 
@@ -645,7 +652,9 @@ class LogStore:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise LogStoreError(f"cannot switch {self.path} to WAL mode (got {mode})")
-            conn.execute("PRAGMA synchronous=FULL")
+            # FULL fsyncs the WAL at each commit; NORMAL leaves committed pages to the OS,
+            # which a kill -9 of this process cannot lose (logs.sync in the settings).
+            conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
             # Another process (the `logs` command) may read while we write.
             conn.execute("PRAGMA busy_timeout=5000")
             self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])

@@ -49,7 +49,9 @@ async def test_appended_records_are_found_after_reopen(tmp_path: Path) -> None:
         second.close()
 
 
-def test_record_survives_kill_9_right_after_append_returns(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sync", ["full", "normal"])
+def test_record_survives_kill_9_right_after_append_returns(tmp_path: Path, sync: str) -> None:
+    # Both settings promise this; only "full" also promises it across a power loss.
     script = textwrap.dedent(
         f"""
         import asyncio, json, sys, time
@@ -57,7 +59,8 @@ def test_record_survives_kill_9_right_after_append_returns(tmp_path: Path) -> No
         from edge_agent.logbook import LogStore, new_record_id
 
         async def main():
-            store = LogStore({str(tmp_path / DB_FILENAME)!r}, registry=CollectorRegistry())
+            store = LogStore({str(tmp_path / DB_FILENAME)!r}, registry=CollectorRegistry(),
+                             sync={sync!r})
             ids = [new_record_id() for _ in range(30)]
             await asyncio.gather(*(store.append({{"id": i, "time": 1, "status": "ok"}})
                                    for i in ids))
