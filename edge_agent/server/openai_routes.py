@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -125,7 +126,7 @@ async def _respond(
     builder: ResponseBuilder,
     clock: GenerationClock,
     outcome: _Outcome,
-    commit_record: Any,
+    commit_record: Callable[[], Awaitable[None]],
 ) -> web.Response:
     async for index, step in _choices(state, prepared, clock):
         builder.add(index, step)
@@ -142,7 +143,7 @@ async def _stream(
     builder: ResponseBuilder,
     clock: GenerationClock,
     outcome: _Outcome,
-    commit_record: Any,
+    commit_record: Callable[[], Awaitable[None]],
 ) -> web.StreamResponse:
     writer = SseWriter(request)
     await writer.start()
@@ -189,8 +190,6 @@ async def _stream(
 
 
 def _error_event(error: ApiError) -> bytes:
-    import json
-
     return json.dumps(error.envelope()).encode()
 
 
