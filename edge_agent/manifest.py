@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 import tomllib
 import uuid
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # Where a manifest named without a path is looked for, first match wins.
 _REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+_INSTALLED_MODELS_DIR = Path(sys.prefix) / "share" / "edge-agent" / "models"
 _VERSION_NAMESPACE = uuid.UUID("6f1d1f43-5d3c-4c1e-9a53-0d7d3c8e2a11")
 
 
@@ -109,7 +111,8 @@ def manifest_dirs() -> list[Path]:
     dirs = []
     if extra := os.environ.get("EDGE_AGENT_MODELS_DIR"):
         dirs.append(Path(extra))
-    dirs += [Path("/etc/edge-agent/models"), _REPO_MODELS_DIR]
+    # An operator's manifests, this checkout's, then the ones installed with the package.
+    dirs += [Path("/etc/edge-agent/models"), _REPO_MODELS_DIR, _INSTALLED_MODELS_DIR]
     return dirs
 
 
