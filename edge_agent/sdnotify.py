@@ -1,6 +1,7 @@
 """systemd's notify protocol over ``NOTIFY_SOCKET``: readiness, status and the watchdog.
 
-A datagram per message, no extra package. Everything is a no-op outside systemd.
+A datagram per message, no extra package. Everything is a no-op outside systemd, so the
+daemon calls these unconditionally.
 """
 
 from __future__ import annotations
@@ -20,35 +21,44 @@ def _address() -> str | None:
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return None
-    # A leading '@' names a socket in the abstract namespace.
+    # A leading '@' names a socket in the abstract namespace (a leading NUL byte).
     return "\0" + path[1:] if path.startswith("@") else path
 
 
-def notify(message: str) -> bool:
+def notify(state: str) -> bool:
     """Send one notification (``READY=1``, ``STATUS=...``); False when not under systemd."""
     address = _address()
     if address is None:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.setblocking(False)  # a datagram to a local socket never waits long
-            sock.sendto(message.encode(), address)
+            # Never block the event loop: a full socket buffer drops this message instead
+            # (the next watchdog ping or status makes up for it).
+            sock.setblocking(False)
+            sock.sendto(state.encode(), address)
         return True
     except OSError as exc:
-        log.warning("sd_notify_failed", message=message, error=str(exc))
+        log.warning("sd_notify_failed", state=state, error=str(exc))
         return False
 
 
 def ready(status: str = "serving") -> bool:
+    """The service is up: with Type=notify, systemd considers the start done only now."""
     return notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
 
 
-def stopping(status: str = "stopping") -> bool:
-    return notify(f"STOPPING=1\nSTATUS={status}")
+def stopping(status: str = "stopping", extend_timeout_s: float | None = None) -> bool:
+    """Shutdown began. ``extend_timeout_s``: ask systemd to wait at least that long from
+    now before SIGKILL (systemd 236+), for a grace period longer than TimeoutStopSec=."""
+    message = f"STOPPING=1\nSTATUS={status}"
+    if extend_timeout_s is not None:
+        message += f"\nEXTEND_TIMEOUT_USEC={int(extend_timeout_s * 1e6)}"
+    return notify(message)
 
 
 def reloading() -> bool:
-    # systemd 253+ wants the monotonic time with RELOADING=1 (Type=notify-reload).
+    """A SIGHUP reload began; send ``ready()`` when it is done."""
+    # systemd 253+ wants the monotonic time with RELOADING=1 (and ignores it otherwise).
     usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
@@ -58,23 +68,37 @@ def status(text: str) -> bool:
 
 
 def watchdog_interval() -> float | None:
-    """Seconds between pings systemd expects, or None when the watchdog is off for us."""
+    """Seconds within which systemd expects a ping, or None when the watchdog is off for us."""
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
+    # WATCHDOG_PID names the process systemd watches; a child that inherited the
+    # environment (a vLLM worker) must not ping on its parent's behalf.
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return int(usec) / 1e6
+        seconds = int(usec) / 1e6
     except ValueError:
         return None
+    return seconds if seconds > 0 else None
+
+
+async def watchdog_task(interval_s: float | None = None) -> None:
+    """Ping ``WATCHDOG=1`` every half interval, forever; returns at once when there is no watchdog.
+
+    It runs on the event loop on purpose: if the loop is wedged (a blocking call in a
+    handler), the pings stop and systemd restarts the daemon.
+    """
+    interval = interval_s if interval_s is not None else watchdog_interval()
+    if not interval or not _address():
+        return
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval / 2)
 
 
 class WatchdogPinger:
-    """Pings ``WATCHDOG=1`` from the event loop at half the interval.
-
-    The pings come from the loop itself on purpose: a wedged loop stops pinging, and
-    systemd restarts the daemon.
-    """
+    """Owns the ``watchdog_task`` for the serve loop: ``start()`` after the loop runs,
+    ``await stop()`` on shutdown."""
 
     def __init__(self, interval_s: float | None = None) -> None:
         self.interval_s = interval_s if interval_s is not None else watchdog_interval()
@@ -82,13 +106,7 @@ class WatchdogPinger:
 
     def start(self) -> None:
         if self.interval_s and self._task is None:
-            self._task = asyncio.create_task(self._run(), name="sd-watchdog")
-
-    async def _run(self) -> None:
-        assert self.interval_s
-        while True:
-            notify("WATCHDOG=1")
-            await asyncio.sleep(self.interval_s / 2)
+            self._task = asyncio.create_task(watchdog_task(self.interval_s), name="sd-watchdog")
 
     async def stop(self) -> None:
         if self._task is not None:
