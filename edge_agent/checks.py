@@ -1,4 +1,7 @@
-"""`edge-agent check`: what an operator (or install.sh) verifies before starting the service."""
+"""`edge-agent check`: what an operator (or install.sh) verifies before starting the service.
+
+Each check says in one line what it found, so a failed install names its own fix.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from edge_agent.config import Settings
+from edge_agent.config import ConfigError, Settings, load_settings
 from edge_agent.engine.backend_choice import BackendChoiceError, choose_backend
 from edge_agent.manifest import ManifestError, ModelManifest, load_manifest, sha256_of
 
@@ -21,8 +25,34 @@ class CheckResult:
     detail: str
 
 
+def check_config(path: Path | None, **overrides: Any) -> tuple[CheckResult, Settings | None]:
+    """Load the settings as ``serve`` would; on failure, the ConfigError's one line."""
+    try:
+        settings = load_settings(path, **overrides)
+    except ConfigError as exc:
+        return CheckResult("config", False, str(exc)), None
+    return CheckResult("config", True, f"{path or 'defaults'}: settings are valid"), settings
+
+
 def run_checks(settings: Settings, *, check_port: bool = True) -> list[CheckResult]:
+    """Every check for loaded settings; ``check_port=False`` when the service already holds it."""
     results = [CheckResult("config", True, "settings are valid")]
+    results += _checks_after_config(settings, check_port=check_port)
+    return results
+
+
+def run_checks_for_config(
+    path: Path | None, *, check_port: bool = True, **overrides: Any
+) -> list[CheckResult]:
+    """``check_config`` then, if the settings load, the rest of ``run_checks``."""
+    config, settings = check_config(path, **overrides)
+    if settings is None:
+        return [config]
+    return [config, *_checks_after_config(settings, check_port=check_port)]
+
+
+def _checks_after_config(settings: Settings, *, check_port: bool) -> list[CheckResult]:
+    results: list[CheckResult] = []
     manifest = _manifest(settings, results)
     if manifest is not None:
         results.append(_weights(manifest))
@@ -47,22 +77,31 @@ def _weights(manifest: ModelManifest) -> CheckResult:
     if manifest.gguf is None:
         assert manifest.hf is not None
         present = manifest.hf.path.is_dir()
-        return CheckResult("model weights", present, f"vLLM directory {manifest.hf.path}")
+        state = "present" if present else "missing"
+        return CheckResult("model weights", present, f"vLLM directory {manifest.hf.path} {state}")
     try:
         path = manifest.gguf_path()
     except ManifestError as exc:
         return CheckResult("model weights", False, str(exc))
     if not path.is_file():
         return CheckResult("model weights", False, f"missing: {path}")
-    digest = sha256_of(path)
+    try:
+        digest = sha256_of(path)  # hashed in chunks: weights can be larger than memory
+    except OSError as exc:
+        return CheckResult("model weights", False, f"cannot read {path}: {exc.strerror or exc}")
     if digest != manifest.gguf.sha256:
         return CheckResult(
-            "model weights", False, f"{path}: sha256 {digest}, manifest says {manifest.gguf.sha256}"
+            "model weights",
+            False,
+            f"{path}: sha256 {digest}, manifest says {manifest.gguf.sha256} "
+            "(a partial copy or other weights)",
         )
     return CheckResult("model weights", True, f"{path} (sha256 matches)")
 
 
 def _backend(settings: Settings, manifest: ModelManifest) -> CheckResult:
+    # The same choice serve makes: vLLM needs it importable, a CUDA GPU and an [hf]
+    # artifact; an explicit choice that cannot start fails here rather than at start.
     try:
         choice = choose_backend(settings.backend, manifest)
     except BackendChoiceError as exc:
@@ -71,7 +110,8 @@ def _backend(settings: Settings, manifest: ModelManifest) -> CheckResult:
         try:
             import llama_cpp
         except ImportError as exc:
-            return CheckResult("backend", False, f"llama-cpp-python does not import: {exc}")
+            detail = f"llama-cpp-python does not import ({exc}): install edge-agent[cpu]"
+            return CheckResult("backend", False, detail)
         return CheckResult(
             "backend", True, f"{choice.reason} (llama-cpp-python {llama_cpp.__version__})"
         )
@@ -81,28 +121,53 @@ def _backend(settings: Settings, manifest: ModelManifest) -> CheckResult:
 def _port(host: str, port: int) -> CheckResult:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As the server binds: TIME_WAIT leftovers of a previous run do not count as in use.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
-            reason = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            reason = "in use by another program" if exc.errno == errno.EADDRINUSE else exc.strerror
             return CheckResult("port", False, f"cannot listen on {host}:{port}: {reason}")
     return CheckResult("port", True, f"{host}:{port} is free")
 
 
 def _state_dir(path: Path) -> CheckResult:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".check-"):
-            pass
-    except OSError as exc:
-        return CheckResult("state directory", False, f"{path}: {exc.strerror or exc}")
-    free = os.statvfs(path)
-    free_mib = free.f_bavail * free.f_frsize // (1024 * 1024)
-    return CheckResult("state directory", True, f"{path} is writable ({free_mib} MiB free)")
+    """Writable if it exists; creatable if not. A check creates nothing that serve would."""
+    if path.exists():
+        if not path.is_dir():
+            return CheckResult("state directory", False, f"{path}: exists and is not a directory")
+        try:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".check-"):
+                pass
+        except OSError as exc:
+            return CheckResult("state directory", False, f"{path}: not writable: {exc.strerror}")
+        free = os.statvfs(path)
+        free_mib = free.f_bavail * free.f_frsize // (1024 * 1024)
+        return CheckResult("state directory", True, f"{path} is writable ({free_mib} MiB free)")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return CheckResult(
+            "state directory", False, f"{path}: cannot be created: {parent} is not a directory"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return CheckResult(
+            "state directory", False, f"{path}: cannot be created: {parent} is not writable"
+        )
+    return CheckResult("state directory", True, f"{path} does not exist yet and can be created")
+
+
+def all_ok(results: list[CheckResult]) -> bool:
+    return all(r.ok for r in results)
+
+
+def exit_code(results: list[CheckResult]) -> int:
+    """0 only when every check passed."""
+    return 0 if all_ok(results) else 1
 
 
 def format_results(results: list[CheckResult]) -> str:
-    lines = [f"{'ok ' if r.ok else 'FAIL'} {r.name}: {r.detail}" for r in results]
-    verdict = "all checks passed" if all(r.ok for r in results) else "some checks failed"
+    lines = [f"{'ok  ' if r.ok else 'FAIL'} {r.name}: {r.detail}" for r in results]
+    verdict = "all checks passed" if all_ok(results) else "some checks failed"
     return "\n".join([*lines, verdict])

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
-from edge_agent.checks import format_results, run_checks
+import pytest
+
+from edge_agent.checks import (
+    check_config,
+    exit_code,
+    format_results,
+    run_checks,
+    run_checks_for_config,
+)
 from edge_agent.config import Settings
 from edge_agent.manifest import ModelManifest
 
@@ -23,19 +32,39 @@ def failures(settings: Settings) -> dict[str, str]:
 def test_a_good_setup_passes(tmp_path: Path) -> None:
     results = run_checks(Settings(state_dir=tmp_path / "state", port=0))
     assert all(r.ok for r in results), format_results(results)
+    assert {r.name for r in results} == {
+        "config", "model manifest", "model weights", "backend", "port", "state directory",
+    }  # fmt: skip
     assert format_results(results).endswith("all checks passed")
+    assert exit_code(results) == 0
+    assert not (tmp_path / "state").exists(), "a check creates nothing"
 
 
 def test_a_wrong_sha256_fails(tmp_path: Path, manifest: ModelManifest) -> None:
     model = manifest_file(tmp_path, manifest.gguf_path(), "0" * 64)
-    failed = failures(Settings(model=str(model), state_dir=tmp_path, port=0))
-    assert "sha256" in failed["model weights"] and "0" * 64 in failed["model weights"]
+    results = run_checks(Settings(model=str(model), state_dir=tmp_path, port=0))
+    failed = {r.name: r.detail for r in results if not r.ok}
+    assert list(failed) == ["model weights"]
+    assert f"manifest says {'0' * 64}" in failed["model weights"]
+    assert manifest.sha256 in failed["model weights"]  # what the file really hashes to
+    assert exit_code(results) == 1
+    assert format_results(results).endswith("some checks failed")
 
 
 def test_a_missing_model_file_fails(tmp_path: Path) -> None:
     model = manifest_file(tmp_path, tmp_path / "gone.gguf", "0" * 64)
     failed = failures(Settings(model=str(model), state_dir=tmp_path, port=0))
-    assert "missing" in failed["model weights"]
+    assert failed["model weights"] == f"missing: {tmp_path / 'gone.gguf'}"
+
+
+def test_a_missing_manifest_fails(tmp_path: Path) -> None:
+    failed = failures(Settings(model=str(tmp_path / "nope.toml"), state_dir=tmp_path, port=0))
+    assert str(tmp_path / "nope.toml") in failed["model manifest"]
+
+
+def test_vllm_without_a_gpu_or_vllm_fails(tmp_path: Path) -> None:
+    failed = failures(Settings(backend="vllm", state_dir=tmp_path, port=0))
+    assert failed["backend"].startswith("backend vllm cannot start")
 
 
 def test_a_port_in_use_fails(tmp_path: Path) -> None:
@@ -44,11 +73,51 @@ def test_a_port_in_use_fails(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         failed = failures(Settings(host="127.0.0.1", port=port, state_dir=tmp_path))
-    assert "in use" in failed["port"]
+    assert failed["port"] == f"cannot listen on 127.0.0.1:{port}: in use by another program"
 
 
-def test_an_unwritable_state_dir_fails(tmp_path: Path) -> None:
+def test_a_state_dir_under_a_file_fails(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     failed = failures(Settings(state_dir=blocker / "state", port=0))
-    assert str(blocker / "state") in failed["state directory"]
+    assert failed["state directory"] == (
+        f"{blocker / 'state'}: cannot be created: {blocker} is not a directory"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file modes")
+def test_a_read_only_state_dir_fails(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o500)
+    try:
+        failed = failures(Settings(state_dir=state, port=0))
+        assert failed["state directory"].startswith(f"{state}: not writable")
+        failed = failures(Settings(state_dir=state / "sub", port=0))
+        assert failed["state directory"].endswith(f"{state} is not writable")
+    finally:
+        state.chmod(0o700)
+
+
+def test_a_bad_config_fails_with_its_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("port = 99999\n")
+    result, settings = check_config(config)
+    assert settings is None and not result.ok
+    assert result.detail.startswith(f"{config}: port:")
+    assert "\n" not in result.detail
+    assert run_checks_for_config(config) == [result]
+
+
+def test_a_missing_config_fails(tmp_path: Path) -> None:
+    result, _ = check_config(tmp_path / "absent.toml")
+    assert result.detail == f"config file not found: {tmp_path / 'absent.toml'}"
+
+
+def test_a_good_config_runs_every_check(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'port = 0\nstate_dir = "{tmp_path / "state"}"\n')
+    results = run_checks_for_config(config, check_port=False)
+    assert [r.name for r in results] == [
+        "config", "model manifest", "model weights", "backend", "state directory",
+    ]  # fmt: skip
+    assert exit_code(results) == 0, format_results(results)
