@@ -151,7 +151,7 @@ def _state_dir(path: Path) -> CheckResult:
         return CheckResult(
             "state directory", False, f"{path}: cannot be created: {parent} is not a directory"
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):
         return CheckResult(
             "state directory", False, f"{path}: cannot be created: {parent} is not writable"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -26,6 +27,18 @@ from edge_agent.server.state import RecordSink
 from tests.engine.vllm_double import make_double_vllm_backend
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+class GatedLlamaCppBackend(LlamaCppBackend):
+    """The real llama.cpp backend whose loading waits for a gate: the loading window on demand."""
+
+    def __init__(self, *args: Any, gate: asyncio.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gate = gate
+
+    async def start(self) -> None:
+        await self._gate.wait()
+        await super().start()
 
 
 class RecordingSink:
@@ -60,6 +73,7 @@ async def make_client(
         records: RecordSink | None = None,
         wait: bool = True,
         backend: str = "llamacpp",
+        load_gate: asyncio.Event | None = None,
         **overrides: Any,
     ) -> TestClient[web.Request, web.Application]:
         settings = make_settings(tmp_path, **overrides)
@@ -69,13 +83,16 @@ async def make_client(
             # the adapter, scheduler and server under test are the real ones.
             engine = make_double_vllm_backend(manifest, parallel=settings.parallel)
         else:
-            engine = LlamaCppBackend(
-                manifest.gguf_path(),
-                context_length=settings.context_size or manifest.context_length,
-                parallel=settings.parallel,
-                threads=settings.threads,
-                prefix_cache=settings.prefix_cache,
-            )
+            options: dict[str, Any] = {
+                "context_length": settings.context_size or manifest.context_length,
+                "parallel": settings.parallel,
+                "threads": settings.threads,
+                "prefix_cache": settings.prefix_cache,
+            }
+            if load_gate is None:
+                engine = LlamaCppBackend(manifest.gguf_path(), **options)
+            else:
+                engine = GatedLlamaCppBackend(manifest.gguf_path(), gate=load_gate, **options)
         app = create_app(settings, manifest, engine, records=records)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
         if wait:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent.server.app import wait_until_loaded
 from tests.conftest import RecordingSink
 
 COMPLETIONS = "/infer/openai/v1/completions"
@@ -181,15 +182,20 @@ async def test_native_infer_refuses_when_openai_is_on(client: Any) -> None:
 
 
 async def test_model_loading_is_503_with_retry_after(make_client: Any) -> None:
-    client = await make_client(wait=False)
+    gate = asyncio.Event()
+    client = await make_client(wait=False, load_gate=gate)
     ready = await client.get("/readyz")
-    response = await client.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 1})
-    if ready.status == 200:
-        pytest.skip("the model loaded before the first request could be sent")
     assert ready.status == 503 and ready.headers["Retry-After"]
+    response = await client.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 1})
     assert response.status == 503 and response.headers["Retry-After"]
     error = assert_envelope(await response.json(), "server_error")
     assert error["code"] == "model_not_ready"
+    models = await (await client.get("/models")).json()
+    assert models["models"][0]["status"] == "Loading"
+    gate.set()  # the model loads now; the same daemon then serves
+    await wait_until_loaded(client.app)
+    assert (await client.get("/readyz")).status == 200
+    assert (await client.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 1})).status == 200
 
 
 async def test_queue_full_is_429_with_retry_after(make_client: Any) -> None:

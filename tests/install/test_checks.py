@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from edge_agent.checks import (
     check_config,
@@ -85,17 +87,44 @@ def test_a_state_dir_under_a_file_fails(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file modes")
-def test_a_read_only_state_dir_fails(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir(mode=0o500)
+@contextlib.contextmanager
+def without_root() -> Iterator[None]:
+    """Judge file access as nobody: root writes through file modes, so drop them for a while."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
     try:
-        failed = failures(Settings(state_dir=state, port=0))
-        assert failed["state directory"].startswith(f"{state}: not writable")
-        failed = failures(Settings(state_dir=state / "sub", port=0))
-        assert failed["state directory"].endswith(f"{state} is not writable")
+        yield
     finally:
-        state.chmod(0o700)
+        os.seteuid(0)
+        os.setegid(0)
+
+
+NOBODY = 65534
+
+
+def state_dir_failure(state_dir: Path) -> str | None:
+    with without_root():
+        return failures(Settings(state_dir=state_dir, port=0)).get("state directory")
+
+
+def test_a_read_only_state_dir_fails() -> None:
+    # Not under pytest's tmp_path, whose parents are closed to other users.
+    base = Path(tempfile.mkdtemp(prefix="edge-agent-check-"))
+    base.chmod(0o755)
+    state = base / "state"
+    state.mkdir(mode=0o555)
+    try:
+        failed = state_dir_failure(state)
+        assert failed is not None and failed.startswith(f"{state}: not writable")
+        failed = state_dir_failure(state / "sub")
+        assert failed is not None and failed.endswith(f"{state} is not writable")
+        state.chmod(0o777)
+        assert state_dir_failure(state) is None, "the same directory, writable, passes"
+    finally:
+        shutil.rmtree(base)
 
 
 def test_a_bad_config_fails_with_its_one_line(tmp_path: Path) -> None:
