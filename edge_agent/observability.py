@@ -53,6 +53,24 @@ def observe_request(
     COMPLETION_TOKENS.inc(completion_tokens)
 
 
+class _NeverRaisingPrintLogger(structlog.PrintLogger):
+    """Drops a line it cannot write (a full disk, a reader that went away): a log line must
+    never fail the request it describes."""
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):
+            pass
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+def _stderr_logger(*args: object) -> _NeverRaisingPrintLogger:
+    return _NeverRaisingPrintLogger(sys.stderr)
+
+
 def configure_logging(log_format: Literal["auto", "json", "console"] = "auto") -> None:
     """JSON lines under systemd or when piped; readable colours on a terminal."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
@@ -68,6 +86,6 @@ def configure_logging(log_format: Literal["auto", "json", "console"] = "auto") -
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=True,
     )
