@@ -133,7 +133,13 @@ def free_port() -> int:
 class Daemon:
     """A real `edge-agent serve` subprocess on loopback."""
 
-    def __init__(self, state_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state_dir = state_dir
@@ -159,6 +165,7 @@ class Daemon:
             stderr=subprocess.STDOUT,
             env={**os.environ, "EDGE_AGENT_LOG_FORMAT": "json", **(env or {})},
             cwd=REPO,
+            preexec_fn=preexec_fn,
         )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -203,8 +210,13 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start daemons with their own settings; each is stopped at the end of the test."""
     started: list[Daemon] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> Daemon:
-        server = Daemon(tmp_path / f"daemon{len(started)}", *args, env=env)
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        ready: bool = True,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> Daemon:
+        server = Daemon(tmp_path / f"daemon{len(started)}", *args, env=env, preexec_fn=preexec_fn)
         started.append(server)
         if ready:
             server.wait_ready()

@@ -1,9 +1,11 @@
-"""No inference record is lost: kill -9, a collector down and then up (CONTRACT.md section 6)."""
+"""No inference record is lost: kill -9, a collector down and then up (CONTRACT.md section 6);
+and a disk that fills up costs records, never inference."""
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -21,8 +23,8 @@ from tests.conftest import REPO, Daemon, free_port
 pytestmark = pytest.mark.slow
 
 
-def completion(daemon: Daemon, prompt: str) -> dict[str, Any]:
-    body = json.dumps({"prompt": prompt, "max_tokens": 1}).encode()
+def completion(daemon: Daemon, prompt: str, **extra: Any) -> dict[str, Any]:
+    body = json.dumps({"prompt": prompt, "max_tokens": 1, **extra}).encode()
     request = urllib.request.Request(
         f"{daemon.url}/infer/openai/v1/completions",
         data=body,
@@ -129,3 +131,36 @@ def test_collector_down_for_200_requests_then_up_gets_each_once_in_order(
     assert len(ids) == 200 == len(set(ids))
     assert ids == sorted(ids), "records arrive in the order of their ids"
     assert all(r["status"] == "ok" and r["endpoint"] == "completions" for r in uploaded)
+
+
+def metric(daemon: Daemon, name: str) -> float:
+    with urllib.request.urlopen(f"{daemon.url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_a_full_disk_keeps_inference_serving_and_counts_the_lost_records(
+    start_daemon: Any,
+) -> None:
+    # RLIMIT_FSIZE makes every write that grows a file past 256 KiB fail (EFBIG), as a
+    # full disk fails with ENOSPC: the log store's files are the ones that grow.
+    def small_disk() -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
+
+    daemon = start_daemon(preexec_fn=small_disk)
+    first = completion(daemon, "The first record fits.")
+    # An unknown field is ignored for generation and kept in the log: 6 KB more per record.
+    answers = [completion(daemon, f"Record {i}", note="x" * 6000) for i in range(80)]
+    assert all(a["choices"][0]["finish_reason"] in {"stop", "length"} for a in answers)
+    assert daemon.process.poll() is None, "the daemon is alive"
+    failures = metric(daemon, "edge_agent_logbook_append_failures_total")
+    assert failures > 0, "the limit was reached and the lost records are counted"
+    stored = local_logs(daemon)
+    assert json.loads(stored[-1]["out"]["json"])["id"] == first["id"], "earlier records kept"
+    assert len(stored) + failures == 81
+    assert "logbook.append_failed" in daemon.log_path.read_text()
+    after = completion(daemon, "Still serving.")
+    assert after["usage"]["completion_tokens"] == 1
