@@ -101,7 +101,10 @@ async def test_n_choices_stream_with_their_indexes(any_client: Any) -> None:
 
 
 async def test_a_failure_mid_stream_is_an_error_event_then_done(make_client: Any) -> None:
-    client = await make_client(request_timeout_s=0.3)
+    """The deadline, as the failure: a clean error in the stream, and the slot is free again."""
+    sink = RecordingSink()
+    client = await make_client(request_timeout_s=0.3, parallel=1, records=sink)
+    state = client.app[STATE_KEY]
     # End-of-text tokens biased away: only the deadline can end this one.
     body = {
         "prompt": "Tell me everything.",
@@ -116,6 +119,14 @@ async def test_a_failure_mid_stream_is_an_error_event_then_done(make_client: Any
     error = json.loads(events[-2])
     assert error["error"]["code"] == "timeout"
     assert error["error"]["type"] == "server_error"
+    assert [r["status"] for r in sink.records] == ["error"]
+    assert state.scheduler.in_flight == 0
+    steps = state.backend.decode_steps
+    await asyncio.sleep(0.2)
+    assert state.backend.decode_steps <= steps + 1, "it stops within one decode step"
+    # The only slot serves the next request.
+    after = await client.post(COMPLETIONS, json={"prompt": "Hi", "max_tokens": 2})
+    assert after.status == 200
 
 
 async def test_bad_input_gets_the_same_envelope(any_client: Any) -> None:
