@@ -6,6 +6,9 @@ Latency: the same simulated request (build a completion response, serialise it) 
 logging off and on, interleaved so drift hits both alike; "added" is on minus off.
 Throughput: N concurrent appenders for a few seconds each; group commit should make
 records/s grow with N while every append still waits for its own fsync'd commit.
+Backlog replay: a store holding ``--backlog`` pending records (days of an uplink
+outage) drained by the real uploader into the reference collector (``edge-agent
+collect``, a separate process on loopback); every record is counted at the other end.
 Run it on the box's real state disk: fsync cost is the whole story.
 """
 
@@ -14,15 +17,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from prometheus_client import CollectorRegistry
 
-from edge_agent.logbook import LogStore, new_record_id
+from edge_agent.config import UploadSettings
+from edge_agent.logbook import LogStore, Uploader, new_record_id
 
 
 def make_request_record(size: int) -> dict[str, Any]:
@@ -84,6 +91,59 @@ async def throughput(
     return appended / elapsed, appended / commits
 
 
+async def replay(directory: Path, backlog: int, size: int) -> None:
+    """Fill a store with ``backlog`` pending records, then time the upload of all of them."""
+    store = LogStore(directory / "logbook.db", registry=CollectorRegistry())
+    started = time.perf_counter()
+    per_appender = -(-backlog // 64)
+
+    async def fill(first: int) -> None:
+        for _ in range(first, min(first + per_appender, backlog)):
+            await store.append(make_request_record(size))
+
+    await asyncio.gather(*(fill(a * per_appender) for a in range(64)))
+    filled = time.perf_counter() - started
+    stats = store.stats()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = directory / "collected"
+    collector = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edge_agent.cli", "collect",
+        "--listen", f"127.0.0.1:{port}", "--out", str(out),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/ingest"
+    uploader = Uploader(store, UploadSettings(url=url, batch_age_s=0.1), "bench-box")
+    try:
+        async with aiohttp.ClientSession() as session:
+            while True:  # until the collector listens
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/"):
+                        break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        await uploader.start()
+        while True:  # the backlog figure is read off the store, as /metrics does
+            if store.stats().pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        drained = time.perf_counter() - started
+    finally:
+        await uploader.stop()
+        collector.terminate()
+        await collector.wait()
+        await store.aclose()
+    received = sum(1 for path in out.glob("*/*.jsonl") for line in path.open("rb") if line.strip())
+    mib = stats.record_bytes / 2**20
+    print(
+        f"backlog replay: {backlog} records ({mib:.0f} MiB) written in {filled:.1f} s, "
+        f"uploaded in {drained:.1f} s = {backlog / drained:.0f} records/s "
+        f"({mib / drained:.1f} MiB/s); the collector stored {received} records"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=None, help="state dir (default: a temp dir)")
@@ -91,6 +151,7 @@ async def main() -> None:
     parser.add_argument("--size", type=int, default=2000, help="completion text bytes")
     parser.add_argument("--requests", type=int, default=1000, help="latency samples per mode")
     parser.add_argument("--appenders", default="1,4,16,64,256")
+    parser.add_argument("--backlog", type=int, default=50_000, help="records to replay")
     args = parser.parse_args()
 
     # Both durability settings in one run (logs.sync): full fsyncs every commit group,
@@ -102,6 +163,8 @@ async def main() -> None:
                 await report(store, sync, args)
             finally:
                 await store.aclose()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        await replay(Path(tmp), args.backlog, args.size)
 
 
 async def report(store: LogStore, sync: str, args: argparse.Namespace) -> None:

@@ -66,6 +66,7 @@ class Results:
     max_tokens: int
     rounds: list[Round] = field(default_factory=list)
     direct: dict[str, float] = field(default_factory=dict)
+    raw: dict[str, float] = field(default_factory=dict)
     prefix: dict[str, float] = field(default_factory=dict)
 
 
@@ -174,17 +175,19 @@ async def one_stream(
     return ttft, tokens, time.perf_counter() - started
 
 
-async def sweep(server: Server, max_tokens: int, per_client: int) -> list[Round]:
+async def sweep(server: Server, max_tokens: int, per_client: int, min_requests: int) -> list[Round]:
     rounds = []
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         # Warm-up: first-request costs (page faults, allocations) are not serving speed.
         await one_stream(session, server.url, [{"role": "user", "content": "Hi"}], 8)
         for concurrency in CONCURRENCY:
+            # Enough requests a round that one slow request cannot move a median.
+            requests = max(per_client, -(-min_requests // concurrency))
 
-            async def client(index: int) -> list[tuple[float, int, float]]:
+            async def client(index: int, count: int) -> list[tuple[float, int, float]]:
                 out = []
-                for request in range(per_client):
+                for request in range(count):
                     question = QUESTIONS[(index + request) % len(QUESTIONS)]
                     messages = [{"role": "user", "content": question}]
                     out.append(await one_stream(session, server.url, messages, max_tokens))
@@ -192,7 +195,7 @@ async def sweep(server: Server, max_tokens: int, per_client: int) -> list[Round]
 
             with RssSampler(server.process.pid) as rss:
                 started = time.perf_counter()
-                per = await asyncio.gather(*(client(i) for i in range(concurrency)))
+                per = await asyncio.gather(*(client(i, requests) for i in range(concurrency)))
                 wall = time.perf_counter() - started
             samples = [s for client_samples in per for s in client_samples]
             ttfts = sorted(s[0] for s in samples)
@@ -256,6 +259,51 @@ def direct_ceiling(model: Path, threads: int, max_tokens: int, requests: int) ->
     return {"ttft_ms": statistics.median(ttfts) * 1000, "tps": statistics.median(rates)}
 
 
+def raw_decode(model: Path, threads: int, steps: int = 40) -> dict[str, float]:
+    """llama_decode alone, with edge-agent's context settings: ms per step for 1 and 8
+    sequences. Their ratio is what batching can give at most on this machine."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    weights = llama_cpp.llama_model_load_from_file(
+        str(model).encode(), llama_cpp.llama_model_default_params()
+    )
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_seq_max, params.kv_unified = 8 * 4096, 8, False
+    params.n_batch = params.n_ubatch = 512
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(weights, params)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def decode(tokens: list[tuple[int, int, int]]) -> float:
+        for i, (token, position, seq) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, True
+        batch.n_tokens = len(tokens)
+        started = time.perf_counter()
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        return time.perf_counter() - started
+
+    prompt = 32
+    for seq in range(8):
+        decode([(100 + i, i, seq) for i in range(prompt)])
+    out: dict[str, float] = {}
+    for n in (1, 8):
+        times = [decode([(200 + k, prompt + k, seq) for seq in range(n)]) for k in range(steps)]
+        out[f"step_ms_{n}"] = statistics.median(times) * 1000
+        out[f"tps_{n}"] = n / statistics.median(times)
+        memory = llama_cpp.llama_get_memory(ctx)
+        for seq in range(8):
+            llama_cpp.llama_memory_seq_rm(memory, seq, prompt, -1)
+    out["ratio"] = out["tps_8"] / out["tps_1"]
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(weights)
+    return out
+
+
 def table(results: Results) -> str:
     lines = [
         "| server | streams | aggregate tok/s | ttft p50 ms | ttft p99 ms "
@@ -291,7 +339,8 @@ def targets(results: Results) -> list[tuple[str, str, bool]]:
         (
             "8 streams aggregate >= 1.8 x edge-agent single stream",
             f"{edge8.aggregate_tps:.1f} / {edge1.aggregate_tps:.1f} = "
-            f"{edge8.aggregate_tps / edge1.aggregate_tps:.2f}",
+            f"{edge8.aggregate_tps / edge1.aggregate_tps:.2f} "
+            f"(raw llama_decode allows {results.raw['ratio']:.2f})",
             edge8.aggregate_tps >= 1.8 * edge1.aggregate_tps,
         ),
         (
@@ -362,6 +411,7 @@ async def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     per_client = 1 if args.quick else 3
+    min_requests = 2 if args.quick else 8
     threads = os.cpu_count() or 1
     model = gguf_path()
     results = Results(machine=machine(), max_tokens=args.max_tokens)
@@ -380,7 +430,7 @@ async def main() -> int:
     try:
         await edge.wait_ready("/readyz")
         print("edge-agent (logging on, 8 slots):")
-        results.rounds += await sweep(edge, args.max_tokens, per_client)
+        results.rounds += await sweep(edge, args.max_tokens, per_client, min_requests)
         results.prefix = await prefix_reuse(edge, 8)
     finally:
         edge.stop()
@@ -399,18 +449,26 @@ async def main() -> int:
     try:
         await other.wait_ready("/v1/models")
         print("llama_cpp.server:")
-        results.rounds += await sweep(other, args.max_tokens, per_client)
+        results.rounds += await sweep(other, args.max_tokens, per_client, min_requests)
     finally:
         other.stop()
 
     print("direct llama-cpp-python (in-process, no HTTP):")
-    results.direct = direct_ceiling(model, threads, args.max_tokens, 3 if args.quick else 5)
+    results.direct = direct_ceiling(model, threads, args.max_tokens, 3 if args.quick else 8)
+    print("raw llama_decode, 1 and 8 sequences:")
+    results.raw = raw_decode(model, threads)
 
     print()
     print(table(results))
     print()
     print(f"direct llama-cpp-python, one stream: {results.direct['tps']:.1f} tok/s, "
           f"ttft {results.direct['ttft_ms']:.1f} ms")  # fmt: skip
+    raw = results.raw
+    print(
+        f"raw llama_decode (no Python around it): 1 sequence {raw['step_ms_1']:.1f} ms/step "
+        f"({raw['tps_1']:.0f} tok/s), 8 sequences {raw['step_ms_8']:.1f} ms/step "
+        f"({raw['tps_8']:.0f} tok/s): batching gives at most {raw['ratio']:.2f}x here"
+    )
     print()
     for name, figures, held in targets(results):
         print(f"- [{'held' if held else 'MISSED'}] {name}: {figures}")
