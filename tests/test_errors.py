@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from edge_agent.server.app import wait_until_loaded
-from tests.conftest import RecordingSink
+from edge_agent.engine.backend_choice import BackendChoice, build_backend
+from edge_agent.manifest import ModelManifest
+from edge_agent.server.app import create_app, wait_until_loaded
+from tests.conftest import RecordingSink, make_settings
 
 COMPLETIONS = "/infer/openai/v1/completions"
 CHAT = "/infer/openai/v1/chat/completions"
@@ -238,3 +241,26 @@ async def test_errors_are_logged_and_earlier_records_kept(make_client: Any) -> N
     await asyncio.sleep(0)
     assert [r["status"] for r in sink.records] == ["ok", "error"]
     assert sink.records[1]["in"] == "{nope"
+
+
+async def test_weights_the_manifest_does_not_name_are_not_served(
+    aiohttp_client: Any, manifest: ModelManifest, tmp_path: Path
+) -> None:
+    assert manifest.gguf is not None
+    wrong = manifest.model_copy(
+        update={"gguf": manifest.gguf.model_copy(update={"sha256": "0" * 64})}
+    )
+    settings = make_settings(tmp_path)
+    backend = build_backend(BackendChoice("llamacpp", "test"), wrong, settings)
+    app = create_app(settings, wrong, backend, records=RecordingSink())
+    client = await aiohttp_client(app)
+    await wait_until_loaded(app)
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert "sha256" in (await ready.json())["reason"]
+    models = await (await client.get("/models")).json()
+    assert models["models"][0]["status"] == "Error"
+    response = await client.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 1})
+    assert response.status == 503
+    error = assert_envelope(await response.json(), "server_error")
+    assert error["code"] == "model_not_ready" and "manifest says" in error["message"]

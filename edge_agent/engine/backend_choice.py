@@ -101,4 +101,5 @@ def build_backend(choice: BackendChoice, manifest: ModelManifest, settings: Sett
         parallel=settings.parallel,
         threads=settings.threads,
         prefix_cache=settings.prefix_cache,
+        expected_sha256=manifest.gguf.sha256 if manifest.gguf else None,
     )

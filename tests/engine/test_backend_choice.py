@@ -133,7 +133,6 @@ def test_build_backend_makes_a_vllm_backend_from_settings(tmp_path: Path) -> Non
 
 
 def test_build_backend_makes_a_llamacpp_backend_from_settings(tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
     from edge_agent.engine.backends.llamacpp import LlamaCppBackend
 
     settings = Settings(parallel=2, threads=3, state_dir=tmp_path)

@@ -26,6 +26,7 @@ from edge_agent.engine.types import (
     TokenEvent,
     UnsupportedParameter,
 )
+from edge_agent.manifest import sha256_of
 
 log = structlog.get_logger(__name__)
 
@@ -54,8 +55,11 @@ class LlamaCppBackend:
         threads: int | None = None,
         prefix_cache: bool = True,
         n_batch: int = 512,
+        expected_sha256: str | None = None,
     ) -> None:
+        """``expected_sha256``: refuse to load a file whose digest differs (the manifest's)."""
         self._path = gguf_path
+        self._expected_sha256 = expected_sha256
         self._n_ctx_seq = context_length
         self._parallel = parallel
         self._threads = threads or os.cpu_count() or 1
@@ -104,6 +108,14 @@ class LlamaCppBackend:
     def _load(self) -> None:
         if not self._path.is_file():
             raise BackendError(f"model file not found: {self._path}")
+        if self._expected_sha256 is not None:
+            # /models reports the manifest's digest: serve only the weights it names.
+            digest = sha256_of(self._path)
+            if digest != self._expected_sha256:
+                raise BackendError(
+                    f"{self._path} has sha256 {digest}, the manifest says "
+                    f"{self._expected_sha256} (a partial copy or other weights)"
+                )
         _quiet_llama_logs()
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
