@@ -36,7 +36,7 @@ def test_a_log_reader_that_went_away_does_not_fail_requests(tmp_path: Path) -> N
             if json.loads(line)["event"] == "model_ready":
                 break
         process.stderr.close()  # the reader goes away
-        body = json.dumps({"prompt": "Hello", "max_tokens": 2}).encode()
+        body = json.dumps({"prompt": "Hello", "max_tokens": 2, "temperature": 0}).encode()
         for _ in range(3):
             request = urllib.request.Request(
                 f"{url}/infer/openai/v1/completions",

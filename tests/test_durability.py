@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 def completion(daemon: Daemon, prompt: str, **extra: Any) -> dict[str, Any]:
-    body = json.dumps({"prompt": prompt, "max_tokens": 1, **extra}).encode()
+    body = json.dumps({"prompt": prompt, "max_tokens": 1, "temperature": 0, **extra}).encode()
     request = urllib.request.Request(
         f"{daemon.url}/infer/openai/v1/completions",
         data=body,
