@@ -5,10 +5,12 @@ One command, one run, the same model and thread count for every server:
     .venv/bin/python bench/serve_bench.py [--quick]
 
 Sweeps 1, 2, 4 and 8 concurrent streaming chat clients (fixed prompts, fixed
-max_tokens, temperature 0) against each server in turn (never both at once), then
-measures the ceiling (the model driven in-process by llama-cpp-python, no HTTP) and
-prefix reuse (a ~1,000-token system prompt sent twice). Prints a markdown table and
-the ratios against the targets, and writes bench/out/serve_bench.{json,png}.
+max_tokens, temperature 0) against each server in turn (never both at once). The
+ceiling, the model driven in-process by llama-cpp-python (no HTTP), is measured
+request by request alternating with edge-agent's single stream, so both see the same
+machine. Then prefix reuse (a ~1,000-token system prompt sent twice) and raw
+llama_decode for 1 and 8 sequences. Prints a markdown table and the ratios against the
+targets, and writes bench/out/serve_bench.{json,png}.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Results:
     machine: dict[str, Any]
     max_tokens: int
     rounds: list[Round] = field(default_factory=list)
+    # The in-process ceiling, measured request by request alternating with edge-agent's.
     direct: dict[str, float] = field(default_factory=dict)
     raw: dict[str, float] = field(default_factory=dict)
     prefix: dict[str, float] = field(default_factory=dict)
@@ -175,44 +178,80 @@ async def one_stream(
     return ttft, tokens, time.perf_counter() - started
 
 
-async def sweep(server: Server, max_tokens: int, per_client: int, min_requests: int) -> list[Round]:
-    rounds = []
+Sample = tuple[float, int, float]  # (ttft, content chunks, seconds) of one request
+
+
+async def sweep(
+    server: Server,
+    max_tokens: int,
+    per_client: int,
+    min_requests: int,
+    repeats: int,
+    beside: DirectModel | None = None,
+) -> tuple[list[Round], list[Sample]]:
+    """Rounds of 1, 2, 4 and 8 concurrent clients, the whole cycle ``repeats`` times and
+    pooled per concurrency, so slow minutes on a shared box hit every level alike.
+
+    With ``beside``, each single-stream request is followed by the same request to the
+    in-process model, so the two are measured under the same machine conditions.
+    """
+    beside_samples: list[Sample] = []
+    pooled: dict[int, list[Sample]] = {c: [] for c in CONCURRENCY}
+    walls: dict[int, float] = dict.fromkeys(CONCURRENCY, 0.0)
+    peaks: dict[int, int] = dict.fromkeys(CONCURRENCY, 0)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         # Warm-up: first-request costs (page faults, allocations) are not serving speed.
         await one_stream(session, server.url, [{"role": "user", "content": "Hi"}], 8)
-        for concurrency in CONCURRENCY:
-            # Enough requests a round that one slow request cannot move a median.
-            requests = max(per_client, -(-min_requests // concurrency))
+        if beside is not None:
+            await asyncio.to_thread(beside.stream, [{"role": "user", "content": "Hi"}], 8)
+        for _ in range(repeats):
+            for concurrency in CONCURRENCY:
+                # Enough requests a round that one slow request cannot move a median.
+                requests = max(per_client, -(-min_requests // concurrency))
+                alternate = beside if concurrency == 1 else None
 
-            async def client(index: int, count: int) -> list[tuple[float, int, float]]:
-                out = []
-                for request in range(count):
-                    question = QUESTIONS[(index + request) % len(QUESTIONS)]
-                    messages = [{"role": "user", "content": question}]
-                    out.append(await one_stream(session, server.url, messages, max_tokens))
-                return out
+                async def client(index: int, count: int, other: DirectModel | None) -> list[Sample]:
+                    out = []
+                    for request in range(count):
+                        question = QUESTIONS[(index + request) % len(QUESTIONS)]
+                        messages = [{"role": "user", "content": question}]
+                        out.append(await one_stream(session, server.url, messages, max_tokens))
+                        if other is not None:
+                            sample = await asyncio.to_thread(other.stream, messages, max_tokens)
+                            beside_samples.append(sample)
+                    return out
 
-            with RssSampler(server.process.pid) as rss:
-                started = time.perf_counter()
-                per = await asyncio.gather(*(client(i, requests) for i in range(concurrency)))
-                wall = time.perf_counter() - started
-            samples = [s for client_samples in per for s in client_samples]
-            ttfts = sorted(s[0] for s in samples)
-            rounds.append(
-                Round(
-                    server=server.name,
-                    concurrency=concurrency,
-                    aggregate_tps=sum(s[1] for s in samples) / wall,
-                    ttft_p50_ms=statistics.median(ttfts) * 1000,
-                    ttft_p99_ms=ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] * 1000,
-                    stream_tps_p50=statistics.median(s[1] / s[2] for s in samples),
-                    peak_rss_mib=rss.peak / 2**20,
-                    requests=len(samples),
-                )
+                with RssSampler(server.process.pid) as rss:
+                    started = time.perf_counter()
+                    per = await asyncio.gather(
+                        *(client(i, requests, alternate) for i in range(concurrency))
+                    )
+                    wall = time.perf_counter() - started
+                samples = [s for client_samples in per for s in client_samples]
+                if alternate is not None:
+                    wall = sum(s[2] for s in samples)  # the server's own requests, back to back
+                pooled[concurrency] += samples
+                walls[concurrency] += wall
+                peaks[concurrency] = max(peaks[concurrency], rss.peak)
+                rate = sum(s[1] for s in samples) / wall
+                print(f"  {server.name} x{concurrency}: {rate:.1f} tok/s")
+    rounds = []
+    for concurrency, samples in pooled.items():
+        ttfts = sorted(s[0] for s in samples)
+        rounds.append(
+            Round(
+                server=server.name,
+                concurrency=concurrency,
+                aggregate_tps=sum(s[1] for s in samples) / walls[concurrency],
+                ttft_p50_ms=statistics.median(ttfts) * 1000,
+                ttft_p99_ms=ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] * 1000,
+                stream_tps_p50=statistics.median(s[1] / s[2] for s in samples),
+                peak_rss_mib=peaks[concurrency] / 2**20,
+                requests=len(samples),
             )
-            print(f"  {server.name} x{concurrency}: {rounds[-1].aggregate_tps:.1f} tok/s")
-    return rounds
+        )
+    return rounds, beside_samples
 
 
 async def prefix_reuse(server: Server, max_tokens: int) -> dict[str, float]:
@@ -235,31 +274,37 @@ async def prefix_reuse(server: Server, max_tokens: int) -> dict[str, float]:
     return {"first_ttft_ms": first * 1000, "again_ttft_ms": again * 1000, "ratio": first / again}
 
 
-def direct_ceiling(model: Path, threads: int, max_tokens: int, requests: int) -> dict[str, float]:
+class DirectModel:
     """The same model driven in-process by llama-cpp-python: no HTTP, one stream."""
-    import llama_cpp
 
-    llm = llama_cpp.Llama(str(model), n_threads=threads, n_ctx=4096, verbose=False)
-    ttfts, rates = [], []
-    bias = {int(k): v for k, v in NO_END.items()}
-    for index in range(requests + 1):
-        messages: Any = [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}]
+    def __init__(self, model: Path, threads: int) -> None:
+        import llama_cpp
+
+        self._llm = llama_cpp.Llama(str(model), n_threads=threads, n_ctx=4096, verbose=False)
+        self._bias = {int(k): v for k, v in NO_END.items()}
+
+    def stream(self, messages: Any, max_tokens: int) -> Sample:
         started = time.perf_counter()
         first, tokens = 0.0, 0
-        for chunk in llm.create_chat_completion(
-            messages, max_tokens=max_tokens, temperature=0, stream=True, logit_bias=bias
+        for chunk in self._llm.create_chat_completion(
+            messages, max_tokens=max_tokens, temperature=0, stream=True, logit_bias=self._bias
         ):
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):  # type: ignore[index]
                 tokens += 1
                 if tokens == 1:
                     first = time.perf_counter() - started
-        if index:  # the first is the warm-up
-            ttfts.append(first)
-            rates.append(tokens / (time.perf_counter() - started))
-    return {"ttft_ms": statistics.median(ttfts) * 1000, "tps": statistics.median(rates)}
+        return first, tokens, time.perf_counter() - started
 
 
-def raw_decode(model: Path, threads: int, steps: int = 40) -> dict[str, float]:
+def summarize(samples: list[Sample]) -> dict[str, float]:
+    return {
+        "ttft_ms": statistics.median(s[0] for s in samples) * 1000,
+        "tps": statistics.median(s[1] / s[2] for s in samples),
+        "requests": len(samples),
+    }
+
+
+def raw_decode(model: Path, threads: int, blocks: int = 6) -> dict[str, float]:
     """llama_decode alone, with edge-agent's context settings: ms per step for 1 and 8
     sequences. Their ratio is what batching can give at most on this machine."""
     import llama_cpp
@@ -289,14 +334,23 @@ def raw_decode(model: Path, threads: int, steps: int = 40) -> dict[str, float]:
     prompt = 32
     for seq in range(8):
         decode([(100 + i, i, seq) for i in range(prompt)])
+    memory = llama_cpp.llama_get_memory(ctx)
+    times: dict[int, list[float]] = {1: [], 8: []}
+    # Blocks of each size in turn, so drift hits both alike. Within a block every step has
+    # the same shape, as in steady decoding, and llama.cpp reuses the previous step's
+    # graph; the first step of a block rebuilds it and is not counted.
+    for _ in range(blocks):
+        for n in (1, 8):
+            for k in range(11):
+                elapsed = decode([(200 + k, prompt, seq) for seq in range(n)])
+                for seq in range(n):
+                    llama_cpp.llama_memory_seq_rm(memory, seq, prompt, -1)
+                if k:
+                    times[n].append(elapsed)
     out: dict[str, float] = {}
     for n in (1, 8):
-        times = [decode([(200 + k, prompt + k, seq) for seq in range(n)]) for k in range(steps)]
-        out[f"step_ms_{n}"] = statistics.median(times) * 1000
-        out[f"tps_{n}"] = n / statistics.median(times)
-        memory = llama_cpp.llama_get_memory(ctx)
-        for seq in range(8):
-            llama_cpp.llama_memory_seq_rm(memory, seq, prompt, -1)
+        out[f"step_ms_{n}"] = statistics.median(times[n]) * 1000
+        out[f"tps_{n}"] = n / statistics.median(times[n])
     out["ratio"] = out["tps_8"] / out["tps_1"]
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
@@ -409,6 +463,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests: a sanity run")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="sweeps per server, pooled")
     args = parser.parse_args()
     per_client = 1 if args.quick else 3
     min_requests = 2 if args.quick else 8
@@ -429,9 +484,17 @@ async def main() -> int:
     )  # fmt: skip
     try:
         await edge.wait_ready("/readyz")
-        print("edge-agent (logging on, 8 slots):")
-        results.rounds += await sweep(edge, args.max_tokens, per_client, min_requests)
+        direct = DirectModel(model, threads)
+        print(
+            "edge-agent (logging on, 8 slots), one stream alternating with direct llama-cpp-python:"
+        )
+        rounds, direct_samples = await sweep(
+            edge, args.max_tokens, per_client, min_requests, args.repeats, beside=direct
+        )
+        results.rounds += rounds
+        results.direct = summarize(direct_samples)
         results.prefix = await prefix_reuse(edge, 8)
+        del direct
     finally:
         edge.stop()
 
@@ -449,12 +512,12 @@ async def main() -> int:
     try:
         await other.wait_ready("/v1/models")
         print("llama_cpp.server:")
-        results.rounds += await sweep(other, args.max_tokens, per_client, min_requests)
+        results.rounds += (
+            await sweep(other, args.max_tokens, per_client, min_requests, args.repeats)
+        )[0]
     finally:
         other.stop()
 
-    print("direct llama-cpp-python (in-process, no HTTP):")
-    results.direct = direct_ceiling(model, threads, args.max_tokens, 3 if args.quick else 8)
     print("raw llama_decode, 1 and 8 sequences:")
     results.raw = raw_decode(model, threads)
 
