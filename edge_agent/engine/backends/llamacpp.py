@@ -168,8 +168,12 @@ class LlamaCppBackend:
         )
 
     async def close(self) -> None:
+        # Joining the decode thread and freeing the KV cache take a while: off the loop.
+        await asyncio.to_thread(self._release)
+
+    def _release(self) -> None:
         if self._loop_engine is not None:
-            await asyncio.to_thread(self._loop_engine.stop)
+            self._loop_engine.stop()
             self._loop_engine = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)

@@ -259,7 +259,8 @@ class VllmBackend:
     async def close(self) -> None:
         engine, self._engine = self._engine, None
         if engine is not None and hasattr(engine, "shutdown"):
-            engine.shutdown()
+            # Stopping the engine-core process joins it: seconds the event loop must not wait.
+            await asyncio.to_thread(engine.shutdown)
 
     # --- text <-> tokens -----------------------------------------------------------------
 
