@@ -84,6 +84,30 @@ class UploadSettings(_Section):
     max_backoff_s: float = Field(default=300.0, gt=0)
 
 
+class EngineSettings(_Section):
+    """The llama.cpp engine process and how the daemon supervises it."""
+
+    # Off runs llama.cpp inside the daemon: a crash in it then ends the daemon too.
+    isolated: bool = True
+    # Where the verdict of the CPU-configuration probes is kept (per build, CPU and model);
+    # None: <XDG_CACHE_HOME or ~/.cache>/edge-agent/engine-probes.json.
+    probe_cache: Path | None = None
+    restart_backoff_s: float = Field(default=0.5, gt=0)
+    max_restart_backoff_s: float = Field(default=30.0, gt=0)
+    # This many crashes within crash_window_s rule the configuration out: the next one
+    # down the ladder serves.
+    crashes_before_fallback: int = Field(default=3, ge=1)
+    crash_window_s: float = Field(default=600.0, gt=0)
+    # An engine with work in hand that says nothing this long is hung, and is restarted.
+    stall_s: float = Field(default=120.0, gt=0)
+
+    def probe_cache_path(self) -> Path:
+        if self.probe_cache is not None:
+            return self.probe_cache
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "edge-agent" / "engine-probes.json"
+
+
 class Settings(BaseSettings):
     """Everything the daemon is started with."""
 
@@ -102,6 +126,9 @@ class Settings(BaseSettings):
     # Overrides the manifest's [openai] enabled flag: off serves the native /infer instead.
     openai_enabled: bool | None = None
     threads: int | None = Field(default=None, ge=1)
+    # llama.cpp's weight repacking (AMX, CPU_REPACK): auto serves the fastest configuration
+    # that decodes on this box; on pins it (no fallback); off never repacks.
+    cpu_repack: Literal["auto", "on", "off"] = "auto"
     # Tokens per sequence; None takes the manifest's context length.
     context_size: int | None = Field(default=None, ge=64)
     parallel: int = Field(default=4, ge=1, le=64)
@@ -116,6 +143,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     logs: LogSettings = LogSettings()
     upload: UploadSettings = UploadSettings()
+    engine: EngineSettings = EngineSettings()
     vllm: VllmOptions = VllmOptions()
 
     @field_validator("max_request_bytes", mode="before")

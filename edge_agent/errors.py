@@ -105,6 +105,30 @@ class ModelNotReady(ApiError):
         )
 
 
+class EngineRestarting(ApiError):
+    """New requests while the engine process restarts after a crash."""
+
+    status = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 2) -> None:
+        super().__init__(
+            message, code="engine_restarting", headers={"Retry-After": str(retry_after_s)}
+        )
+
+
+class EngineRestarted(ApiError):
+    """A request the engine process died under: it ended, and may be sent again."""
+
+    status = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 2) -> None:
+        super().__init__(
+            message, code="engine_restarted", headers={"Retry-After": str(retry_after_s)}
+        )
+
+
 class ShuttingDown(ApiError):
     status = 503
     error_type = "server_error"

@@ -30,6 +30,11 @@ TPS = Histogram(
 PROMPT_TOKENS = Counter("edge_agent_prompt_tokens", "Prompt tokens processed")
 COMPLETION_TOKENS = Counter("edge_agent_completion_tokens", "Completion tokens generated")
 IN_FLIGHT = Gauge("edge_agent_requests_in_flight", "Sequences admitted and not finished")
+ENGINE_RESTARTS = Counter(
+    "edge_agent_engine_restarts",
+    "Engine processes that died and were started again, by why they died",
+    ["reason"],
+)
 QUEUED = Gauge("edge_agent_requests_queued", "Sequences admitted and waiting for a slot")
 
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +20,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from edge_agent.config import Settings
-from edge_agent.engine.backends.llamacpp import LlamaCppBackend
+from edge_agent.engine.backend_choice import BackendChoice, build_backend
+from edge_agent.engine.backends.llamacpp_process import LlamaCppProcessBackend
 from edge_agent.engine.types import Backend
 from edge_agent.manifest import ModelManifest, load_manifest
 from edge_agent.server.app import create_app, wait_until_loaded
@@ -27,9 +29,12 @@ from edge_agent.server.state import RecordSink
 from tests.engine.vllm_double import make_double_vllm_backend
 
 REPO = Path(__file__).resolve().parent.parent
+# The CPU-configuration verdict for this box and build, shared by the tests' daemons as a
+# box's restarts share it; tests of the probes themselves use a fresh file.
+PROBE_CACHE = Path(tempfile.gettempdir()) / f"edge-agent-tests-{os.getuid()}" / "probes.json"
 
 
-class GatedLlamaCppBackend(LlamaCppBackend):
+class GatedLlamaCppBackend(LlamaCppProcessBackend):
     """The real llama.cpp backend whose loading waits for a gate: the loading window on demand."""
 
     def __init__(self, *args: Any, gate: asyncio.Event, **kwargs: Any) -> None:
@@ -57,7 +62,12 @@ def manifest() -> ModelManifest:
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"state_dir": tmp_path / "state", "parallel": 4, "port": 0}
+    values: dict[str, Any] = {
+        "state_dir": tmp_path / "state",
+        "parallel": 4,
+        "port": 0,
+        "engine": {"probe_cache": PROBE_CACHE},
+    }
     values.update(overrides)
     return Settings(**values)
 
@@ -82,17 +92,19 @@ async def make_client(
             # No GPU here: vLLM's engine is replaced by a double behind its real interface;
             # the adapter, scheduler and server under test are the real ones.
             engine = make_double_vllm_backend(manifest, parallel=settings.parallel)
+        elif load_gate is None:
+            # The daemon's own choice: llama.cpp in its supervised engine process.
+            engine = build_backend(BackendChoice("llamacpp", "tests"), manifest, settings)
         else:
-            options: dict[str, Any] = {
-                "context_length": settings.context_size or manifest.context_length,
-                "parallel": settings.parallel,
-                "threads": settings.threads,
-                "prefix_cache": settings.prefix_cache,
-            }
-            if load_gate is None:
-                engine = LlamaCppBackend(manifest.gguf_path(), **options)
-            else:
-                engine = GatedLlamaCppBackend(manifest.gguf_path(), gate=load_gate, **options)
+            engine = GatedLlamaCppBackend(
+                manifest.gguf_path(),
+                gate=load_gate,
+                context_length=settings.context_size or manifest.context_length,
+                parallel=settings.parallel,
+                threads=settings.threads,
+                prefix_cache=settings.prefix_cache,
+                probe_cache=PROBE_CACHE,
+            )
         app = create_app(settings, manifest, engine, records=records)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
         if wait:
@@ -163,7 +175,12 @@ class Daemon:
             command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "EDGE_AGENT_LOG_FORMAT": "json", **(env or {})},
+            env={
+                **os.environ,
+                "EDGE_AGENT_LOG_FORMAT": "json",
+                "EDGE_AGENT_ENGINE__PROBE_CACHE": str(PROBE_CACHE),
+                **(env or {}),
+            },
             cwd=REPO,
             preexec_fn=preexec_fn,
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from edge_agent.config import Settings
 from edge_agent.engine.hardware import GpuInfo, probe_gpu
@@ -94,12 +94,27 @@ def build_backend(choice: BackendChoice, manifest: ModelManifest, settings: Sett
         )
     # Imported here so a GPU box without llama-cpp-python still starts vLLM.
     from edge_agent.engine.backends.llamacpp import LlamaCppBackend
+    from edge_agent.engine.backends.llamacpp_process import LlamaCppProcessBackend, RestartPolicy
 
-    return LlamaCppBackend(
-        manifest.gguf_path(),
-        context_length=settings.context_size or manifest.context_length,
-        parallel=settings.parallel,
-        threads=settings.threads,
-        prefix_cache=settings.prefix_cache,
-        expected_sha256=manifest.gguf.sha256 if manifest.gguf else None,
+    engine = settings.engine
+    options: dict[str, Any] = {
+        "context_length": settings.context_size or manifest.context_length,
+        "parallel": settings.parallel,
+        "threads": settings.threads,
+        "prefix_cache": settings.prefix_cache,
+        "expected_sha256": manifest.gguf.sha256 if manifest.gguf else None,
+        "cpu_repack": settings.cpu_repack,
+        "probe_cache": engine.probe_cache_path(),
+    }
+    if not engine.isolated:
+        return LlamaCppBackend(manifest.gguf_path(), **options)
+    policy = RestartPolicy(
+        backoff_s=engine.restart_backoff_s,
+        max_backoff_s=engine.max_restart_backoff_s,
+        crash_window_s=engine.crash_window_s,
+        crashes_before_fallback=engine.crashes_before_fallback,
+        stall_s=engine.stall_s,
+    )
+    return LlamaCppProcessBackend(
+        manifest.gguf_path(), policy=policy, log_format=settings.log_format, **options
     )

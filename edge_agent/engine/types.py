@@ -88,10 +88,23 @@ class BackendInfo:
     parallel: int  # sequences decoded together
     vocab_size: int = 0
     detail: str = ""
+    # llama.cpp: the CPU configuration serving and why (which probes passed or failed).
+    configuration: str | None = None
+    configuration_reason: str | None = None
+    restarts: int = 0  # engine processes restarted after dying
+    engine_pid: int | None = None  # the engine process, where it runs in one of its own
 
 
 class BackendError(RuntimeError):
     """A backend failed while loading or generating."""
+
+
+class EngineRestarted(BackendError):
+    """The engine process died under a request; the daemon is starting a new one."""
+
+
+class EngineUnavailable(BackendError):
+    """The engine cannot take a request now (restarting); ``reason`` says why."""
 
 
 class UnsupportedParameter(ValueError):
@@ -108,6 +121,10 @@ class Backend(Protocol):
 
     @property
     def info(self) -> BackendInfo: ...
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the backend cannot take requests right now (its engine restarting), or None."""
 
     async def start(self) -> None:
         """Load the model. Long-running; the server already listens meanwhile."""

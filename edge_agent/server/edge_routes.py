@@ -17,9 +17,11 @@ async def readyz(request: web.Request) -> web.Response:
     state = state_of(request)
     if state.ready:
         return web.json_response({"status": "ready", "model": state.manifest.name})
-    reason = "shutting down" if state.scheduler.draining else state.status_detail
+    status = state.status.lower()
+    if state.status == "Running" and state.backend.unavailable is not None:
+        status = "restarting"
     return web.json_response(
-        {"status": state.status.lower(), "reason": reason},
+        {"status": status, "reason": state.not_ready_reason},
         status=503,
         headers={"Retry-After": "5"},
     )
@@ -34,6 +36,7 @@ async def pipelines(request: web.Request) -> web.Response:
 async def models(request: web.Request) -> web.Response:
     state = state_of(request)
     manifest = state.manifest
+    info = state.backend.info
     return web.json_response(
         {
             "models": [
@@ -42,7 +45,15 @@ async def models(request: web.Request) -> web.Response:
                     "sha": manifest.sha256,
                     "status": state.status,
                     "version": manifest.version,
-                    "backend": state.backend.info.name,
+                    "backend": info.name,
+                    "engine": {
+                        "configuration": info.configuration,
+                        "reason": info.configuration_reason,
+                        "restarts": info.restarts,
+                        "pid": info.engine_pid,
+                        "available": state.backend.unavailable is None,
+                        "unavailable_reason": state.backend.unavailable,
+                    },
                 }
             ]
         }

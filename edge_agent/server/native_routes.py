@@ -12,9 +12,11 @@ import uuid
 from aiohttp import web
 
 from edge_agent.engine.scheduler import GenerationClock
+from edge_agent.engine.types import BackendError
 from edge_agent.errors import ApiError, InvalidRequest, NotFound, OpenAIEnabled
 from edge_agent.observability import observe_request
 from edge_agent.protocol import CompletionRequest
+from edge_agent.server.engine_errors import api_error_for
 from edge_agent.server.openai_requests import prepare
 from edge_agent.server.records import build_record, request_body_for_log
 from edge_agent.server.state import AppState, state_of
@@ -65,6 +67,9 @@ async def infer(request: web.Request) -> web.Response:
     except ApiError as exc:
         status, error = "error", exc.message
         raise
+    except BackendError as exc:
+        status, error = "error", str(exc)
+        raise api_error_for(exc) from None
     except asyncio.CancelledError:
         status, error = "cancelled", "client disconnected"
         raise

@@ -15,9 +15,10 @@ from aiohttp import web
 
 from edge_agent.engine.scheduler import GenerationClock, Step
 from edge_agent.engine.types import BackendError
-from edge_agent.errors import ApiError, InternalError, OpenAIDisabled
+from edge_agent.errors import ApiError, OpenAIDisabled
 from edge_agent.observability import observe_request
 from edge_agent.protocol import ModelCard, ModelList
+from edge_agent.server.engine_errors import api_error_for
 from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_request, prepare
 from edge_agent.server.openai_responses import ResponseBuilder
 from edge_agent.server.records import build_record, request_body_for_log
@@ -115,7 +116,7 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     except BackendError as exc:
         outcome.status, outcome.error = "error", str(exc)
         await commit_record()
-        raise InternalError(f"generation failed: {exc}") from None
+        raise api_error_for(exc) from None
     finally:
         _finish_log(state, endpoint, request_id, clock, outcome)
 
@@ -180,7 +181,7 @@ async def _stream(
         outcome.status, outcome.error = "error", str(exc)
         outcome.response_json = builder.response(clock).model_dump_json()
         await commit_record()
-        await writer.send(_error_event(InternalError(f"generation failed: {exc}")))
+        await writer.send(_error_event(api_error_for(exc)))
     except (asyncio.CancelledError, ConnectionResetError):
         outcome.status, outcome.error = "cancelled", "client disconnected"
         outcome.response_json = builder.response(clock).model_dump_json()

@@ -11,7 +11,7 @@ from aiohttp import web
 from edge_agent.config import Settings
 from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
-from edge_agent.errors import ModelNotReady, ShuttingDown
+from edge_agent.errors import EngineRestarting, ModelNotReady, ShuttingDown
 from edge_agent.logbook import LogStore
 from edge_agent.manifest import ModelManifest
 
@@ -45,14 +45,29 @@ class AppState:
 
     @property
     def ready(self) -> bool:
-        return self.status == "Running" and not self.scheduler.draining
+        return (
+            self.status == "Running"
+            and not self.scheduler.draining
+            and self.backend.unavailable is None
+        )
+
+    @property
+    def not_ready_reason(self) -> str:
+        if self.scheduler.draining:
+            return "shutting down"
+        if self.status != "Running":
+            return self.status_detail
+        return self.backend.unavailable or "ready"
 
     def require_ready(self) -> None:
-        """Refuse inference with the right 503 while loading, failed, or shutting down."""
+        """Refuse inference with the right 503 while loading, failed, restarting or stopping."""
         if self.scheduler.draining:
             raise ShuttingDown()
         if self.status != "Running":
             raise ModelNotReady(self.status_detail)
+        reason = self.backend.unavailable
+        if reason is not None:
+            raise EngineRestarting(reason)
 
 
 STATE_KEY = web.AppKey("edge_agent_state", AppState)

@@ -132,14 +132,25 @@ def test_build_backend_makes_a_vllm_backend_from_settings(tmp_path: Path) -> Non
     assert args["model"] == "/models/m-hf"
 
 
-def test_build_backend_makes_a_llamacpp_backend_from_settings(tmp_path: Path) -> None:
-    from edge_agent.engine.backends.llamacpp import LlamaCppBackend
+def test_build_backend_makes_a_supervised_llamacpp_backend_from_settings(tmp_path: Path) -> None:
+    from edge_agent.engine.backends.llamacpp_process import LlamaCppProcessBackend
 
     settings = Settings(parallel=2, threads=3, state_dir=tmp_path)
     backend = build_backend(BackendChoice("llamacpp", "test"), model(), settings)
-    assert isinstance(backend, LlamaCppBackend)
+    assert isinstance(backend, LlamaCppProcessBackend)
     info = backend.info
     assert (info.name, info.parallel, info.context_length) == ("llamacpp", 2, 4096)
+    assert backend.unavailable == "the engine is starting"
+
+
+def test_build_backend_runs_llamacpp_in_process_when_isolation_is_off(tmp_path: Path) -> None:
+    from edge_agent.engine.backends.llamacpp import LlamaCppBackend
+    from edge_agent.engine.backends.llamacpp_process import LlamaCppProcessBackend
+
+    settings = Settings(state_dir=tmp_path, engine={"isolated": False})
+    backend = build_backend(BackendChoice("llamacpp", "test"), model(), settings)
+    assert isinstance(backend, LlamaCppBackend)
+    assert not isinstance(backend, LlamaCppProcessBackend)
 
 
 # --- the probe -----------------------------------------------------------------------------

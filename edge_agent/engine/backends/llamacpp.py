@@ -1,22 +1,29 @@
-"""The llama.cpp backend (llama-cpp-python's low-level API): GGUF in, token events out."""
+"""The llama.cpp backend (llama-cpp-python's low-level API): GGUF in, token events out.
+
+``LlamaCppBackend`` runs the engine in this process; ``llamacpp_process`` runs the same
+engine in a supervised child, which is what the daemon serves with. Both share
+``LlamaCppFront``: the weights' digest check, the choice of CPU configuration, the
+tokenizer in this process, and the routing of step outputs to each request's stream.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import functools
+import itertools
 import os
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import llama_cpp
 import structlog
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from edge_agent.engine.backends.llamacpp_batch import DecodeLoop, SequenceState
+from edge_agent.engine.backends.llamacpp_batch import SequenceState, StepOutput
+from edge_agent.engine.backends.llamacpp_config import CONFIGS, CpuConfig, CpuRepack, ladder
+from edge_agent.engine.backends.llamacpp_engine import EngineOptions, LlamaCppEngine
+from edge_agent.engine.backends.llamacpp_probe import Verdict, VerdictCache, select_config
 from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, grammar_for
+from edge_agent.engine.backends.llamacpp_vocab import Vocabulary, load_vocab_only, quiet_llama_logs
 from edge_agent.engine.types import (
     BackendError,
     BackendInfo,
@@ -24,27 +31,17 @@ from edge_agent.engine.types import (
     GenerationRequest,
     SamplingParams,
     TokenEvent,
-    UnsupportedParameter,
 )
 from edge_agent.manifest import sha256_of
 
 log = structlog.get_logger(__name__)
 
-
-@functools.cache
-def _quiet_llama_logs() -> None:
-    """Route llama.cpp's own stderr chatter to nowhere; our structlog events say what matters."""
-
-    def _drop(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        return None
-
-    callback = llama_cpp.llama_log_callback(_drop)
-    _quiet_llama_logs.callback = callback  # type: ignore[attr-defined]  # keep it alive
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+# What a request's stream receives: a step's events for it, or the error that ended it.
+Delivery = list[TokenEvent] | BaseException
 
 
-class LlamaCppBackend:
-    """Serves a GGUF model with continuous batching over ``parallel`` KV streams."""
+class LlamaCppFront:
+    """What both llama.cpp backends do in the daemon's own process."""
 
     def __init__(
         self,
@@ -56,6 +53,8 @@ class LlamaCppBackend:
         prefix_cache: bool = True,
         n_batch: int = 512,
         expected_sha256: str | None = None,
+        cpu_repack: CpuRepack = "auto",
+        probe_cache: Path | None = None,
     ) -> None:
         """``expected_sha256``: refuse to load a file whose digest differs (the manifest's)."""
         self._path = gguf_path
@@ -65,196 +64,144 @@ class LlamaCppBackend:
         self._threads = threads or os.cpu_count() or 1
         self._prefix_cache = prefix_cache
         self._n_batch = max(n_batch, parallel + 64)
-        self._model: Any = None
-        self._ctx: Any = None
-        self._vocab: Any = None
-        self._n_vocab = 0
-        self._template: jinja2.Template | None = None
-        self._bos = ""
-        self._eos = ""
-        self._loop_engine: DecodeLoop | None = None
-        self._pieces: dict[int, bytes] = {}
+        self._ladder = ladder(cpu_repack)
+        self._cache = VerdictCache(probe_cache)
+        self._vocab_model: Any = None
+        self._vocab: Vocabulary | None = None
+        self._digest = ""
+        self.verdict: Verdict | None = None
+        self._keys = itertools.count(1)
+        self._inboxes: dict[int, asyncio.Queue[Delivery]] = {}
+
+    restarts = 0
 
     @property
     def info(self) -> BackendInfo:
+        verdict = self.verdict
         return BackendInfo(
             name="llamacpp",
             context_length=self._n_ctx_seq,
             parallel=self._parallel,
-            vocab_size=self._n_vocab,
+            vocab_size=self._vocab.n_vocab if self._vocab else 0,
             detail=f"llama-cpp-python {llama_cpp.__version__}, {self._threads} threads",
+            configuration=verdict.config if verdict else None,
+            configuration_reason=verdict.reason if verdict else None,
+            restarts=self.restarts,
+            engine_pid=self.engine_pid,
         )
 
     @property
-    def decode_steps(self) -> int:
-        return self._loop_engine.steps if self._loop_engine else 0
+    def engine_pid(self) -> int | None:
+        return None
 
-    async def start(self) -> None:
-        await asyncio.to_thread(self._load)
-        assert self._ctx is not None
-        self._loop_engine = DecodeLoop(
-            ctx=self._ctx,
-            vocab=self._vocab,
-            n_vocab=self._n_vocab,
-            n_slots=self._parallel,
-            n_ctx_seq=self._n_ctx_seq,
-            n_batch=self._n_batch,
-            prefix_cache=self._prefix_cache,
-            token_bytes=self._token_bytes,
-            loop=asyncio.get_running_loop(),
-        )
-        self._loop_engine.start()
+    @property
+    def unavailable(self) -> str | None:
+        return None
 
-    def _load(self) -> None:
-        if not self._path.is_file():
-            raise BackendError(f"model file not found: {self._path}")
-        if self._expected_sha256 is not None:
-            # /models reports the manifest's digest: serve only the weights it names.
-            digest = sha256_of(self._path)
-            if digest != self._expected_sha256:
-                raise BackendError(
-                    f"{self._path} has sha256 {digest}, the manifest says "
-                    f"{self._expected_sha256} (a partial copy or other weights)"
-                )
-        _quiet_llama_logs()
-        llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        self._model = llama_cpp.llama_model_load_from_file(str(self._path).encode(), model_params)
-        if not self._model:
-            raise BackendError(f"llama.cpp could not load {self._path}")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = self._n_ctx_seq * self._parallel
-        ctx_params.n_seq_max = self._parallel
-        ctx_params.n_batch = self._n_batch
-        ctx_params.n_ubatch = self._n_batch
-        ctx_params.n_threads = self._threads
-        ctx_params.n_threads_batch = self._threads
-        # One KV stream per sequence: a sequence's cells never move with its neighbours.
-        ctx_params.kv_unified = False
-        # Flash attention's CPU kernel tiles multi-token batches, so a prompt's KV would
-        # depend on how it was split into batches and prefix reuse would change greedy text.
-        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        ctx_params.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
-        if not self._ctx:
-            raise BackendError("llama.cpp could not create a context (out of memory?)")
-        actual = llama_cpp.llama_n_ctx_seq(self._ctx)
-        if actual < self._n_ctx_seq:
-            self._n_ctx_seq = actual
-        template = llama_cpp.llama_model_chat_template(self._model, None)
-        if template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_error
-            self._template = env.from_string(template.decode("utf-8"))
-        self._bos = self._special_text(llama_cpp.llama_vocab_bos(self._vocab))
-        self._eos = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
-        if b"LLAMAFILE = 1" in llama_cpp.llama_print_system_info():
-            log.warning(
-                "llamacpp_build_not_batch_invariant",
-                detail="llama.cpp was built with LLAMAFILE: temperature-0 text may differ "
-                "between a request alone and one batched with others; rebuild with "
-                "CMAKE_ARGS=-DGGML_LLAMAFILE=OFF (scripts/bootstrap does)",
-            )
-        log.info(
-            "model_loaded",
-            path=str(self._path),
-            n_vocab=self._n_vocab,
-            context_per_sequence=self._n_ctx_seq,
+    def _engine_options(self, config: CpuConfig) -> EngineOptions:
+        return EngineOptions(
+            gguf_path=self._path,
+            context_length=self._n_ctx_seq,
             parallel=self._parallel,
             threads=self._threads,
-            chat_template=self._template is not None,
+            n_batch=self._n_batch,
+            prefix_cache=self._prefix_cache,
+            config=config,
         )
 
-    async def close(self) -> None:
-        # Joining the decode thread and freeing the KV cache take a while: off the loop.
-        await asyncio.to_thread(self._release)
+    async def _prepare(self) -> CpuConfig:
+        """Check the weights, load the tokenizer here, and choose the CPU configuration."""
+        await asyncio.to_thread(self._load_front)
+        verdict = await asyncio.to_thread(
+            select_config,
+            self._ladder,
+            gguf=self._path,
+            gguf_sha256=self._digest,
+            threads=self._threads,
+            cache=self._cache,
+        )
+        self.verdict = verdict
+        if verdict.config is None:
+            raise BackendError(verdict.reason)
+        log.info(
+            "engine_configuration",
+            config=verdict.config,
+            reason=verdict.reason,
+            cached=verdict.cached,
+        )
+        return CONFIGS[verdict.config]
 
-    def _release(self) -> None:
-        if self._loop_engine is not None:
-            self._loop_engine.stop()
-            self._loop_engine = None
-        if self._ctx:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+    def _load_front(self) -> None:
+        if not self._path.is_file():
+            raise BackendError(f"model file not found: {self._path}")
+        if self._expected_sha256 is None:
+            stat = self._path.stat()
+            self._digest = f"{stat.st_size}:{stat.st_mtime_ns}"  # names the file for the cache
+        else:
+            # /models reports the manifest's digest: serve only the weights it names.
+            self._digest = sha256_of(self._path)
+        if self._expected_sha256 is not None and self._digest != self._expected_sha256:
+            raise BackendError(
+                f"{self._path} has sha256 {self._digest}, the manifest says "
+                f"{self._expected_sha256} (a partial copy or other weights)"
+            )
+        quiet_llama_logs()
+        self._vocab_model = load_vocab_only(self._path)
+        self._vocab = Vocabulary(self._vocab_model)
 
-    # --- text <-> tokens -----------------------------------------------------------------
+    def _free_front(self) -> None:
+        if self._vocab_model:
+            llama_cpp.llama_model_free(self._vocab_model)
+            self._vocab_model = None
+
+    def _require_vocab(self) -> Vocabulary:
+        if self._vocab is None:
+            raise BackendError("model is not loaded")
+        return self._vocab
+
+    # --- text <-> tokens, in this process ------------------------------------------------
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buffer = (llama_cpp.llama_token * capacity)()
-        count = llama_cpp.llama_tokenize(
-            self._vocab, data, len(data), buffer, capacity, add_special, parse_special
+        return self._require_vocab().tokenize(
+            text, add_special=add_special, parse_special=parse_special
         )
-        if count < 0:
-            raise BackendError("tokenizer buffer too small")
-        return list(buffer[:count])
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        # llama.cpp aborts the whole process on an id outside the vocabulary.
-        if any(not 0 <= t < self._n_vocab for t in token_ids):
-            raise UnsupportedParameter("prompt", "prompt: token id outside the vocabulary")
-        return b"".join(self._token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
-
-    def _token_bytes(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            buffer = ctypes.create_string_buffer(64)
-            size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
-            if size < 0:
-                buffer = ctypes.create_string_buffer(-size)
-                size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -size, 0, False)
-            piece = buffer.raw[:size]
-            self._pieces[token] = piece
-        return piece
-
-    def _special_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        buffer = ctypes.create_string_buffer(64)
-        size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, True)
-        return buffer.raw[: max(size, 0)].decode("utf-8", errors="replace")
+        return self._require_vocab().detokenize(token_ids)
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        if self._template is None:
-            raise UnsupportedParameter("messages", "this model has no chat template")
-        try:
-            return self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
-                add_generation_prompt=True,
-                bos_token=self._bos,
-                eos_token=self._eos,
-            )
-        except jinja2.TemplateError as exc:
-            raise UnsupportedParameter("messages", f"messages: {exc}") from None
-
-    # --- generation ----------------------------------------------------------------------
+        return self._require_vocab().render_chat(messages)
 
     def check_supported(self, params: SamplingParams) -> None:
-        grammar_for(params)  # raises UnsupportedParameter for a schema llama.cpp can't enforce
-        for token in params.logit_bias:
-            if not 0 <= token < self._n_vocab:
-                raise UnsupportedParameter(
-                    "logit_bias", f"logit_bias: token id {token} is not in the vocabulary"
-                )
+        self._require_vocab().check_supported(params)
+
+    # --- each request's stream of events -------------------------------------------------
+
+    def _deliver(self, key: int, item: Delivery) -> None:
+        inbox = self._inboxes.get(key)
+        if inbox is not None:
+            inbox.put_nowait(item)
+
+    def _fail_all(self, error: BaseException) -> int:
+        """End every request in flight with ``error``; how many there were."""
+        inboxes, self._inboxes = self._inboxes, {}
+        for inbox in inboxes.values():
+            inbox.put_nowait(error)
+        return len(inboxes)
+
+    def _submit(self, key: int, request: GenerationRequest) -> None:
+        raise NotImplementedError
+
+    def _cancel(self, key: int) -> None:
+        raise NotImplementedError
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
-        engine = self._loop_engine
-        if engine is None:
-            raise BackendError("model is not loaded")
-        inbox: asyncio.Queue[list[TokenEvent] | BaseException] = asyncio.Queue()
-        sampler = SamplerChain(
-            self._vocab, self._n_vocab, request.params, grammar_for(request.params)
-        )
-        sequence = SequenceState(request=request, sampler=sampler, deliver=inbox.put_nowait)
-        engine.submit(sequence)
+        key = next(self._keys)
+        inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._inboxes[key] = inbox
         finished = False
         try:
+            self._submit(key, request)
             while not finished:
                 item = await inbox.get()
                 if isinstance(item, BaseException):
@@ -264,9 +211,86 @@ class LlamaCppBackend:
                     finished = event.finish_reason is not None
                     yield event
         finally:
+            self._inboxes.pop(key, None)
             if not finished:
-                sequence.cancelled = True
+                self._cancel(key)
 
 
-def _raise_template_error(message: str) -> None:
-    raise jinja2.TemplateError(message)
+class LlamaCppBackend(LlamaCppFront):
+    """The engine in this process: no isolation (a crash in llama.cpp ends the daemon).
+
+    For benchmarks of the process boundary and for debugging; the daemon serves with
+    ``LlamaCppProcessBackend`` unless ``engine.isolated`` is off.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._engine: LlamaCppEngine | None = None
+        self._sequences: dict[int, SequenceState] = {}
+
+    @property
+    def decode_steps(self) -> int:
+        engine = self._engine
+        return engine.loop.steps if engine and engine.loop else 0
+
+    async def start(self) -> None:
+        config = await self._prepare()
+        engine = LlamaCppEngine(self._engine_options(config))
+        await asyncio.to_thread(engine.load)
+        check = await asyncio.to_thread(engine.self_check)
+        if not check.passed:
+            await asyncio.to_thread(engine.close)
+            raise BackendError(f"the engine's self-check failed: {check}")
+        self._n_ctx_seq = engine.n_ctx_seq
+        loop = asyncio.get_running_loop()
+
+        def sink(outputs: StepOutput) -> None:
+            loop.call_soon_threadsafe(self._dispatch, outputs)
+
+        engine.start_loop(sink)
+        self._engine = engine
+        log.info(
+            "model_loaded",
+            path=str(self._path),
+            context_per_sequence=self._n_ctx_seq,
+            parallel=self._parallel,
+            threads=self._threads,
+            config=config.name,
+            engine="in-process",
+        )
+
+    def _dispatch(self, outputs: StepOutput) -> None:
+        for sequence, item in outputs:
+            finished = isinstance(item, BaseException) or (
+                bool(item) and item[-1].finish_reason is not None
+            )
+            if finished:
+                self._sequences.pop(sequence.key, None)
+            self._deliver(sequence.key, item)
+
+    def _submit(self, key: int, request: GenerationRequest) -> None:
+        engine = self._engine
+        if engine is None or engine.loop is None or engine.vocab is None:
+            raise BackendError("model is not loaded")
+        vocab = engine.vocab
+        sampler = SamplerChain(
+            vocab.handle, vocab.n_vocab, request.params, grammar_for(request.params)
+        )
+        sequence = SequenceState(request=request, sampler=sampler, key=key)
+        self._sequences[key] = sequence
+        engine.loop.submit(sequence)
+
+    def _cancel(self, key: int) -> None:
+        sequence = self._sequences.pop(key, None)
+        if sequence is not None:
+            sequence.cancelled = True
+
+    async def close(self) -> None:
+        # Joining the decode thread and freeing the KV cache take a while: off the loop.
+        await asyncio.to_thread(self._release)
+
+    def _release(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        self._free_front()

@@ -31,7 +31,6 @@ extra pass per step costs (``RUN_COST_TOKENS``).
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import queue
 import threading
@@ -44,6 +43,7 @@ import llama_cpp
 import structlog
 
 from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, logprobs_of
+from edge_agent.engine.backends.llamacpp_vocab import Vocabulary
 from edge_agent.engine.types import (
     BackendError,
     FinishReason,
@@ -62,11 +62,14 @@ RUN_COST_TOKENS = 128
 
 @dataclass(eq=False)
 class SequenceState:
-    """One request's sequence, shared by the event loop (sink, cancelled) and the decode thread."""
+    """One request's sequence, shared by its submitter (``cancelled``) and the decode thread.
+
+    ``key`` names it to the submitter: the engine process's messages carry it.
+    """
 
     request: GenerationRequest
     sampler: SamplerChain
-    deliver: Callable[[list[TokenEvent] | BaseException], None]
+    key: int = 0
     cancelled: bool = False
     slot: int = -1
     n_past: int = 0  # cells of this sequence written in its KV stream
@@ -80,6 +83,13 @@ class SequenceState:
     @property
     def prefilling(self) -> bool:
         return self.prompt_cursor < len(self.request.prompt_tokens)
+
+
+# What a decode step hands out, from the decode thread: each sequence's new events, or
+# the error that ended it. One call per step, so crossing to another thread or process
+# costs once per step, not once per token.
+StepOutput = list[tuple[SequenceState, list[TokenEvent] | BaseException]]
+StepSink = Callable[[StepOutput], None]
 
 
 @dataclass
@@ -98,24 +108,22 @@ class DecodeLoop:
         self,
         *,
         ctx: Any,
-        vocab: Any,
-        n_vocab: int,
+        vocab: Vocabulary,
         n_slots: int,
         n_ctx_seq: int,
         n_batch: int,
         prefix_cache: bool,
-        token_bytes: Callable[[int], bytes],
-        loop: asyncio.AbstractEventLoop,
+        sink: StepSink,
     ) -> None:
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._vocab = vocab
-        self._n_vocab = n_vocab
+        self._n_vocab = vocab.n_vocab
         self._n_ctx_seq = n_ctx_seq
         self._n_batch = n_batch
         self._prefix_cache = prefix_cache
-        self._token_bytes = token_bytes
-        self._loop = loop
+        self._token_bytes = vocab.token_bytes
+        self._sink = sink
         self._slots = [Slot(i) for i in range(n_slots)]
         self._inbox: queue.SimpleQueue[SequenceState | None] = queue.SimpleQueue()
         self._waiting: deque[SequenceState] = deque()
@@ -154,9 +162,12 @@ class DecodeLoop:
                 self._step()
             except BaseException as exc:  # a failed decode fails its sequences, not the daemon
                 log.error("decode_failed", error=str(exc))
+                failed: StepOutput = []
                 for sequence in self._active:
-                    self._finish(sequence, error=BackendError(f"llama.cpp decode failed: {exc}"))
+                    self._release(sequence)
+                    failed.append((sequence, BackendError(f"llama.cpp decode failed: {exc}")))
                 self._active.clear()
+                self._sink(failed)
 
     def _take_inbox(self, *, block: bool) -> None:
         try:
@@ -247,7 +258,7 @@ class DecodeLoop:
         for sequence in generating:
             self._slots[sequence.slot].cached.append(sequence.last_token)
             sequence.n_past += 1
-        outbox: list[tuple[SequenceState, list[TokenEvent]]] = []
+        outbox: StepOutput = []
         for sequence, index in sampled:
             event = self._sample(sequence, index)
             outbox.append((sequence, [event]))
@@ -255,7 +266,7 @@ class DecodeLoop:
                 self._active.remove(sequence)
                 self._release(sequence)
         if outbox:
-            self._loop.call_soon_threadsafe(_dispatch, outbox)
+            self._sink(outbox)
 
     def _put(self, i: int, token: int, position: int, seq: int, logits: bool) -> None:
         batch = self._batch
@@ -268,7 +279,7 @@ class DecodeLoop:
     def _sample(self, sequence: SequenceState, index: int) -> TokenEvent:
         params = sequence.request.params
         token = sequence.sampler.sample(self._ctx, index)
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if self._vocab.is_end_of_generation(token):
             tail = sequence.decoder.decode(b"", final=True)
             return TokenEvent(token_id=None, text=tail, finish_reason="stop")
         logprob: float | None = None
@@ -293,15 +304,6 @@ class DecodeLoop:
         # slot.cached lists exactly the cells written, so it stays valid for prefix reuse.
         self._slots[sequence.slot].busy = False
         sequence.sampler.free()
-
-    def _finish(self, sequence: SequenceState, *, error: BaseException) -> None:
-        self._release(sequence)
-        self._loop.call_soon_threadsafe(sequence.deliver, error)
-
-
-def _dispatch(outbox: list[tuple[SequenceState, list[TokenEvent]]]) -> None:
-    for sequence, events in outbox:
-        sequence.deliver(events)
 
 
 def choose_slot(

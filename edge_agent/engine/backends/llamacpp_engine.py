@@ -1,0 +1,200 @@
+"""The llama.cpp engine proper: weights, context and decode loop, in whichever process runs it.
+
+Everything here may crash with the C++ library underneath it, so the daemon runs it in
+an engine process (``llamacpp_worker``) and only the tokenizer in its own. ``self_check``
+is the proof a configuration decodes on this box: it runs before the engine says it is
+ready, and the probes of ``llamacpp_probe`` run nothing else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import structlog
+
+from edge_agent.engine.backends.llamacpp_batch import DecodeLoop, StepSink
+from edge_agent.engine.backends.llamacpp_config import CpuConfig
+from edge_agent.engine.backends.llamacpp_vocab import Vocabulary
+from edge_agent.engine.types import BackendError
+
+log = structlog.get_logger(__name__)
+
+# A fixed prompt for the self-check: ordinary text, so a broken kernel shows as tokens
+# that differ from another configuration's or between two sequences of one batch.
+SELF_CHECK_PROMPT = "The capital of France is Paris. The capital of Italy is"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """What the engine is loaded with (picklable: it crosses into the engine process)."""
+
+    gguf_path: Path
+    context_length: int
+    parallel: int
+    threads: int
+    n_batch: int
+    prefix_cache: bool
+    config: CpuConfig
+
+
+@dataclass(frozen=True, slots=True)
+class SelfCheck:
+    """Greedy tokens two sequences decoded side by side in one batch, and how long it took."""
+
+    tokens: tuple[int, ...]
+    batch_agrees: bool  # both sequences of the batch chose the same tokens
+    finite: bool  # every logit looked at was a number
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.batch_agrees and self.finite and bool(self.tokens)
+
+
+class LlamaCppEngine:
+    """Loads the model with one CPU configuration and runs the decode loop over it."""
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+        self._model: Any = None
+        self._ctx: Any = None
+        self.vocab: Vocabulary | None = None
+        self.n_ctx_seq = options.context_length
+        self.loop: DecodeLoop | None = None
+
+    def load(self) -> None:
+        options = self.options
+        if not options.gguf_path.is_file():
+            raise BackendError(f"model file not found: {options.gguf_path}")
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        options.config.apply(model_params)
+        self._model = llama_cpp.llama_model_load_from_file(
+            str(options.gguf_path).encode(), model_params
+        )
+        if not self._model:
+            raise BackendError(f"llama.cpp could not load {options.gguf_path}")
+        self.vocab = Vocabulary(self._model)
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = options.context_length * options.parallel
+        ctx_params.n_seq_max = options.parallel
+        ctx_params.n_batch = options.n_batch
+        ctx_params.n_ubatch = options.n_batch
+        ctx_params.n_threads = options.threads
+        ctx_params.n_threads_batch = options.threads
+        # One KV stream per sequence: a sequence's cells never move with its neighbours.
+        ctx_params.kv_unified = False
+        # Flash attention's CPU kernel tiles multi-token batches, so a prompt's KV would
+        # depend on how it was split into batches and prefix reuse would change greedy text.
+        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx_params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            raise BackendError("llama.cpp could not create a context (out of memory?)")
+        self.n_ctx_seq = min(self.n_ctx_seq, llama_cpp.llama_n_ctx_seq(self._ctx))
+        if b"LLAMAFILE = 1" in llama_cpp.llama_print_system_info():
+            log.warning(
+                "llamacpp_build_not_batch_invariant",
+                detail="llama.cpp was built with LLAMAFILE: temperature-0 text may differ "
+                "between a request alone and one batched with others; rebuild with "
+                "CMAKE_ARGS=-DGGML_LLAMAFILE=OFF (scripts/bootstrap does)",
+            )
+
+    def self_check(self, n_tokens: int = 4) -> SelfCheck:
+        """Decode ``n_tokens`` greedy tokens of a fixed prompt, as the serving loop would.
+
+        Two sequences share each batch when there are two slots: the batched path is the
+        one that serves, and two copies of one prompt must agree token for token.
+        """
+        assert self._ctx is not None and self.vocab is not None
+        started = time.perf_counter()
+        prompt = self.vocab.tokenize(SELF_CHECK_PROMPT, add_special=True, parse_special=False)
+        n_seq = min(2, self.options.parallel)
+        batch = llama_cpp.llama_batch_init(max(len(prompt) * n_seq, n_seq), 0, 1)
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        chosen: list[list[int]] = [[] for _ in range(n_seq)]
+        finite = True
+        try:
+            feed: list[list[int]] = [list(prompt) for _ in range(n_seq)]
+            position = 0
+            for _ in range(n_tokens):
+                n = 0
+                last: list[int] = []
+                for seq, tokens in enumerate(feed):
+                    for offset, token in enumerate(tokens):
+                        _put(batch, n, token, position + offset, seq, offset == len(tokens) - 1)
+                        n += 1
+                    last.append(n - 1)
+                batch.n_tokens = n
+                status = llama_cpp.llama_decode(self._ctx, batch)
+                if status != 0:
+                    raise BackendError(f"llama_decode returned {status} in the self-check")
+                position += len(feed[0])
+                for seq, index in enumerate(last):
+                    token, ok = _greedy(self._ctx, index, self.vocab.n_vocab)
+                    finite = finite and ok
+                    chosen[seq].append(token)
+                feed = [[chosen[seq][-1]] for seq in range(n_seq)]
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_memory_clear(memory, True)
+        return SelfCheck(
+            tokens=tuple(chosen[0]),
+            batch_agrees=all(c == chosen[0] for c in chosen),
+            finite=finite,
+            seconds=time.perf_counter() - started,
+        )
+
+    def start_loop(self, sink: StepSink) -> DecodeLoop:
+        assert self._ctx is not None and self.vocab is not None
+        options = self.options
+        self.loop = DecodeLoop(
+            ctx=self._ctx,
+            vocab=self.vocab,
+            n_slots=options.parallel,
+            n_ctx_seq=self.n_ctx_seq,
+            n_batch=options.n_batch,
+            prefix_cache=options.prefix_cache,
+            sink=sink,
+        )
+        self.loop.start()
+        return self.loop
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.stop()
+            self.loop = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+
+def _put(batch: Any, i: int, token: int, position: int, seq: int, logits: bool) -> None:
+    batch.token[i] = token
+    batch.pos[i] = position
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq
+    batch.logits[i] = logits
+
+
+def _greedy(ctx: Any, index: int, n_vocab: int) -> tuple[int, bool]:
+    pointer = llama_cpp.llama_get_logits_ith(ctx, index)
+    logits = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), (n_vocab,))
+    best = int(np.argmax(logits))
+    return best, math.isfinite(float(logits[best])) and bool(np.isfinite(logits).all())
+
+
+def agree(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether two configurations' self-check tokens are the same text."""
+    return tuple(a) == tuple(b)

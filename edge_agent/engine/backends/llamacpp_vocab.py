@@ -1,0 +1,141 @@
+"""A GGUF's tokenizer and chat template, from a llama.cpp model handle.
+
+The daemon keeps one of these in its own process, loaded with ``vocab_only`` (no
+weights, no kernels, nothing that can crash in a decode), so tokenizing, counting and
+rendering chat stay synchronous and local while the weights live in the engine process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import llama_cpp
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from edge_agent.engine.backends.llamacpp_sampling import grammar_for
+from edge_agent.engine.types import BackendError, ChatMessage, SamplingParams, UnsupportedParameter
+
+
+@functools.cache
+def quiet_llama_logs() -> None:
+    """Route llama.cpp's own stderr chatter to nowhere; our structlog events say what matters."""
+
+    def _drop(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        return None
+
+    set_llama_log_callback(_drop)
+
+
+def set_llama_log_callback(handler: Any) -> None:
+    """Install ``handler(level, text, user_data)`` as llama.cpp's log hook (kept alive here)."""
+    callback = llama_cpp.llama_log_callback(handler)
+    _LOG_CALLBACKS.append(callback)  # ctypes would free a callback nobody references
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+_LOG_CALLBACKS: list[Any] = []
+
+
+def load_vocab_only(path: Path) -> Any:
+    """A model handle with the tokenizer and metadata only; free with llama_model_free."""
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise BackendError(f"llama.cpp could not read the vocabulary of {path}")
+    return model
+
+
+class Vocabulary:
+    """Text <-> token ids, special tokens and the chat template of one loaded model."""
+
+    def __init__(self, model: Any) -> None:
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._pieces: dict[int, bytes] = {}
+        self._template: jinja2.Template | None = None
+        template = llama_cpp.llama_model_chat_template(model, None)
+        if template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            self._template = env.from_string(template.decode("utf-8"))
+        self._bos = self._special_text(llama_cpp.llama_vocab_bos(self._vocab))
+        self._eos = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
+
+    @property
+    def handle(self) -> Any:
+        return self._vocab
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(
+            self._vocab, data, len(data), buffer, capacity, add_special, parse_special
+        )
+        if count < 0:
+            raise BackendError("tokenizer buffer too small")
+        return list(buffer[:count])
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        # llama.cpp aborts the whole process on an id outside the vocabulary.
+        if any(not 0 <= t < self.n_vocab for t in token_ids):
+            raise UnsupportedParameter("prompt", "prompt: token id outside the vocabulary")
+        return b"".join(self.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buffer = ctypes.create_string_buffer(64)
+            size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
+            if size < 0:
+                buffer = ctypes.create_string_buffer(-size)
+                size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -size, 0, False)
+            piece = buffer.raw[:size]
+            self._pieces[token] = piece
+        return piece
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        buffer = ctypes.create_string_buffer(64)
+        size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, True)
+        return buffer.raw[: max(size, 0)].decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        if self._template is None:
+            raise UnsupportedParameter("messages", "this model has no chat template")
+        try:
+            return self._template.render(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=True,
+                bos_token=self._bos,
+                eos_token=self._eos,
+            )
+        except jinja2.TemplateError as exc:
+            raise UnsupportedParameter("messages", f"messages: {exc}") from None
+
+    def check_supported(self, params: SamplingParams) -> None:
+        grammar_for(params)  # raises UnsupportedParameter for a schema llama.cpp can't enforce
+        for token in params.logit_bias:
+            if not 0 <= token < self.n_vocab:
+                raise UnsupportedParameter(
+                    "logit_bias", f"logit_bias: token id {token} is not in the vocabulary"
+                )
+
+
+def _raise_template_error(message: str) -> None:
+    raise jinja2.TemplateError(message)
