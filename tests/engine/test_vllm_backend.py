@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from edge_agent.engine.types import (
     Backend,
     BackendError,
     ChatMessage,
+    EngineRestarted,
+    EngineUnavailable,
     GenerationRequest,
     SamplingParams,
     StructuredOutput,
@@ -278,6 +281,48 @@ async def test_an_engine_failure_mid_stream_is_a_backend_error(
     with pytest.raises(BackendError, match="EngineCore died"):
         await collect(vllm_backend, request(vllm_backend, "dead"))
     assert engine.aborted == ["dead"]
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise TimeoutError("condition not met")
+
+
+async def test_a_dead_engine_core_ends_every_stream_and_a_new_engine_serves(
+    hf_manifest: ModelManifest,
+) -> None:
+    double = VllmDouble(token_delay_s=0.01)
+    vllm_backend = VllmBackend(
+        hf_manifest, parallel=3, api_loader=double.api, restart_backoff_s=0.01
+    )
+    await vllm_backend.start()
+    first = double.engine
+    assert first is not None
+
+    async def run(rid: str) -> BaseException | None:
+        try:
+            await collect(vllm_backend, request(vllm_backend, rid, max_tokens=1000))
+        except BaseException as exc:
+            return exc
+        return None
+
+    streams = [asyncio.create_task(run(f"r{i}")) for i in range(3)]
+    await eventually(lambda: len(first.running) == 3)
+    first.die()
+    ended = await asyncio.gather(*streams)
+    assert all(isinstance(e, EngineRestarted) for e in ended), ended
+    assert vllm_backend.unavailable is not None and "died" in vllm_backend.unavailable
+    with pytest.raises(EngineUnavailable):
+        await collect(vllm_backend, request(vllm_backend, "meanwhile"))
+    await eventually(lambda: vllm_backend.unavailable is None)
+    assert first.is_shut_down and double.engines_made == 2
+    events = await collect(vllm_backend, request(vllm_backend, "after", max_tokens=3))
+    assert [e.finish_reason for e in events][-1] == "length"
+    assert vllm_backend.info.restarts == 1
+    await vllm_backend.close()
 
 
 async def test_generate_before_start_is_a_backend_error(hf_manifest: ModelManifest) -> None:

@@ -154,6 +154,10 @@ class _RequestOutput:
     finished: bool
 
 
+class DoubleEngineDeadError(Exception):
+    """vLLM's EngineDeadError: the engine-core process is gone."""
+
+
 def _vllm_classes() -> dict[str, Any]:
     """vLLM's real classes when it imports (a GPU box, or a CPU box with the wheel)."""
     try:
@@ -162,9 +166,11 @@ def _vllm_classes() -> dict[str, Any]:
         from vllm.logprobs import Logprob
         from vllm.outputs import CompletionOutput, RequestOutput
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+        from vllm.v1.engine.exceptions import EngineDeadError
     except ImportError:
         return {
             "real": False,
+            "EngineDeadError": DoubleEngineDeadError,
             "SamplingParams": _SamplingParams,
             "StructuredOutputsParams": _StructuredOutputsParams,
             "RequestOutputKind": _RequestOutputKind,
@@ -175,6 +181,7 @@ def _vllm_classes() -> dict[str, Any]:
         }
     return {
         "real": True,
+        "EngineDeadError": EngineDeadError,
         "SamplingParams": SamplingParams,
         "StructuredOutputsParams": StructuredOutputsParams,
         "RequestOutputKind": RequestOutputKind,
@@ -271,6 +278,12 @@ class DoubleAsyncLLM:
     aborted: list[str] = field(default_factory=list)
     running: set[str] = field(default_factory=set)
     is_shut_down: bool = False
+    errored: bool = False  # AsyncLLM.errored: the engine core died
+
+    def die(self) -> None:
+        """What AsyncLLM does when its engine-core process dies: every stream and every
+        later call raises EngineDeadError, and ``errored`` turns true."""
+        self.errored = True
 
     def __post_init__(self) -> None:
         self.tokenizer = ByteTokenizer()
@@ -295,6 +308,8 @@ class DoubleAsyncLLM:
         self, prompt: Mapping[str, Any], sampling_params: Any, request_id: str
     ) -> AsyncGenerator[Any, None]:
         classes = self.classes
+        if self.errored:
+            raise classes["EngineDeadError"]("EngineCore encountered an issue")
         prompt_ids = list(prompt["prompt_token_ids"])
         if not prompt_ids:
             raise classes["ValidationError"]("The decoder prompt cannot be empty")
@@ -316,6 +331,8 @@ class DoubleAsyncLLM:
         try:
             for produced, token in enumerate(script, start=1):
                 await asyncio.sleep(self.token_delay_s)
+                if self.errored:
+                    raise classes["EngineDeadError"]("EngineCore encountered an issue")
                 if request_id not in self.running:
                     return  # aborted
                 finish: str | None = None
@@ -397,6 +414,7 @@ class VllmDouble:
     def __init__(self, **engine_kwargs: Any) -> None:
         self.engine_kwargs = engine_kwargs
         self.engine: DoubleAsyncLLM | None = None
+        self.engines_made = 0
         self.classes = _vllm_classes()
 
     def api(self, options: VllmOptions) -> VllmApi:
@@ -406,6 +424,7 @@ class VllmDouble:
             self.engine = DoubleAsyncLLM.from_engine_args(
                 kwargs, classes=classes, **self.engine_kwargs
             )
+            self.engines_made += 1
             return self.engine
 
         return VllmApi(
@@ -415,6 +434,7 @@ class VllmDouble:
             delta_output_kind=classes["RequestOutputKind"].DELTA,
             validation_errors=(ValueError, classes["ValidationError"]),
             make_engine=make_engine,
+            dead_errors=(classes["EngineDeadError"],),
         )
 
 

@@ -17,6 +17,7 @@ import asyncio
 import inspect
 import json
 import os
+import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from edge_agent.engine.types import (
     BackendError,
     BackendInfo,
     ChatMessage,
+    EngineRestarted,
+    EngineUnavailable,
     FinishReason,
     GenerationRequest,
     SamplingParams,
@@ -37,6 +40,7 @@ from edge_agent.engine.types import (
     UnsupportedParameter,
 )
 from edge_agent.manifest import ManifestError, ModelManifest
+from edge_agent.observability import ENGINE_RESTARTS
 
 log = structlog.get_logger(__name__)
 
@@ -79,6 +83,8 @@ class VllmApi:
     # AsyncEngineArgs keyword arguments -> an AsyncLLM-shaped engine (blocking: loads weights).
     make_engine: Callable[[dict[str, Any]], Any]
     env: Mapping[str, str] = field(default_factory=dict)  # set before the engine starts
+    # What the engine raises once its engine-core process has died (EngineDeadError).
+    dead_errors: tuple[type[BaseException], ...] = ()
 
 
 def load_vllm_api(options: VllmOptions) -> VllmApi:
@@ -112,6 +118,20 @@ def load_vllm_api(options: VllmOptions) -> VllmApi:
     except ImportError:
         pass
 
+    dead: list[type[BaseException]] = []
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        dead.append(EngineDeadError)
+    except ImportError:
+        pass
+    try:
+        from vllm.engine.async_llm_engine import AsyncEngineDeadError
+
+        dead.append(AsyncEngineDeadError)
+    except ImportError:
+        pass
+
     def make_engine(kwargs: dict[str, Any]) -> Any:
         return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
 
@@ -123,6 +143,7 @@ def load_vllm_api(options: VllmOptions) -> VllmApi:
         validation_errors=tuple(errors),
         make_engine=make_engine,
         env=env,
+        dead_errors=tuple(dead),
     )
 
 
@@ -172,6 +193,7 @@ class VllmBackend:
         parallel: int = 4,
         prefix_cache: bool = True,
         api_loader: Callable[[VllmOptions], VllmApi] = load_vllm_api,
+        restart_backoff_s: float = 0.5,
     ) -> None:
         self._manifest = manifest
         self._options = options or VllmOptions()
@@ -185,6 +207,11 @@ class VllmBackend:
         self._engine: Any = None
         self._tokenizer: Any = None
         self._vocab_size = 0
+        self._restart_backoff_s = restart_backoff_s
+        self._unavailable: str | None = None
+        self._restarting: asyncio.Task[None] | None = None
+        self.restarts = 0
+        self.last_restart_s: float | None = None
 
     @property
     def info(self) -> BackendInfo:
@@ -199,7 +226,12 @@ class VllmBackend:
                 f"vLLM {version}, gpu_memory_utilization {options.gpu_memory_utilization}, "
                 f"tensor_parallel_size {options.tensor_parallel_size}"
             ),
+            restarts=self.restarts,
         )
+
+    @property
+    def unavailable(self) -> str | None:
+        return self._unavailable
 
     def engine_args(self) -> dict[str, Any]:
         """The AsyncEngineArgs this backend starts vLLM with."""
@@ -257,6 +289,8 @@ class VllmBackend:
         )
 
     async def close(self) -> None:
+        if self._restarting is not None:
+            self._restarting.cancel()
         engine, self._engine = self._engine, None
         if engine is not None and hasattr(engine, "shutdown"):
             # Stopping the engine-core process joins it: seconds the event loop must not wait.
@@ -372,9 +406,50 @@ class VllmBackend:
             raise BackendError("model is not loaded")
         return self._api
 
+    def _is_dead(self, engine: Any, exc: BaseException) -> bool:
+        api = self._api
+        dead = api.dead_errors if api is not None else ()
+        return bool(dead and isinstance(exc, dead)) or bool(getattr(engine, "errored", False))
+
+    def _engine_died(self, engine: Any, exc: BaseException) -> None:
+        """The first request to see the engine core dead starts the one restart."""
+        if engine is not self._engine:
+            return
+        self._engine = None
+        self._unavailable = f"vLLM's engine core died ({exc}) and is restarting"
+        ENGINE_RESTARTS.labels(reason="engine_dead").inc()
+        log.error("engine_died", backend="vllm", why=str(exc))
+        self._restarting = asyncio.get_running_loop().create_task(self._restart(engine))
+
+    async def _restart(self, dead: Any) -> None:
+        died_at = time.perf_counter()
+        if hasattr(dead, "shutdown"):
+            try:
+                await asyncio.to_thread(dead.shutdown)
+            except Exception as exc:  # it is dead already; what is left is its resources
+                log.warning("vllm_shutdown_failed", error=str(exc))
+        delay = self._restart_backoff_s
+        while True:
+            await asyncio.sleep(delay)
+            api = self._require_api()
+            try:
+                engine = await asyncio.to_thread(api.make_engine, self.engine_args())
+                break
+            except Exception as exc:
+                self._unavailable = f"vLLM's engine core cannot start again: {exc}"
+                log.error("engine_restart_failed", backend="vllm", error=str(exc))
+                delay = min(30.0, delay * 2)
+        self._engine = engine
+        self._unavailable = None
+        self.restarts += 1
+        self.last_restart_s = time.perf_counter() - died_at
+        log.info("engine_restarted", backend="vllm", seconds=round(self.last_restart_s, 3))
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         engine = self._engine
         if engine is None:
+            if self._unavailable is not None:
+                raise EngineUnavailable(self._unavailable)
             raise BackendError("model is not loaded")
         api = self._require_api()
         params = self.sampling_params(request.params)
@@ -400,7 +475,12 @@ class VllmBackend:
                     raise BackendError(f"vLLM failed mid-sequence: {exc}") from exc
                 # Refused on admission (a schema the grammar backend can't compile, ...).
                 raise UnsupportedParameter(_param_of(exc), str(exc)) from None
-            except Exception as exc:  # EngineDeadError and the like: one error type above us
+            except Exception as exc:
+                if self._is_dead(engine, exc):
+                    self._engine_died(engine, exc)
+                    raise EngineRestarted(
+                        f"vLLM's engine core died ({exc}); retry shortly"
+                    ) from exc
                 raise BackendError(f"vLLM failed: {exc}") from exc
             if not finished:
                 raise BackendError("vLLM ended the sequence without a finish reason")
