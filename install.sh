@@ -355,6 +355,11 @@ else
   if [ "$EXTRA" = cpu ] && [ "$DRY_RUN" = 0 ]; then
     "$VENV_PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" ||
       die "llama-cpp-python $LLAMA_CPP_VERSION does not import in $PREFIX"
+    # Importing proves little: decode a few tokens with the default model, each CPU
+    # configuration in a process of its own (llama.cpp's AMX path crashes on some Xeons).
+    # `edge-agent check` below does the same for the configured model and settings.
+    "$PREFIX/bin/edge-agent" probe-engine --model smollm2-135m-instruct ||
+      die "llama.cpp does not decode on this CPU with any configuration: rebuild it with CMAKE_ARGS='$LLAMA_CMAKE_ARGS -DGGML_NATIVE=OFF' (pip cache remove 'llama_cpp_python*' first), then run install.sh again"
   fi
   if [ "$DRY_RUN" = 1 ]; then say "would record $STAMP"; else echo "$WANT" > "$STAMP"; fi
 fi

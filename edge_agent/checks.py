@@ -55,8 +55,12 @@ def _checks_after_config(settings: Settings, *, check_port: bool) -> list[CheckR
     results: list[CheckResult] = []
     manifest = _manifest(settings, results)
     if manifest is not None:
-        results.append(_weights(manifest))
-        results.append(_backend(settings, manifest))
+        weights = _weights(manifest)
+        results.append(weights)
+        backend, serves_llamacpp = _backend(settings, manifest)
+        results.append(backend)
+        if weights.ok and backend.ok and serves_llamacpp:
+            results.append(check_engine(settings, manifest))
     if check_port:
         results.append(_port(settings.host, settings.port))
     results.append(_state_dir(settings.state_dir))
@@ -99,23 +103,51 @@ def _weights(manifest: ModelManifest) -> CheckResult:
     return CheckResult("model weights", True, f"{path} (sha256 matches)")
 
 
-def _backend(settings: Settings, manifest: ModelManifest) -> CheckResult:
+def _backend(settings: Settings, manifest: ModelManifest) -> tuple[CheckResult, bool]:
+    """The backend serve would choose, and whether it is llama.cpp."""
     # The same choice serve makes: vLLM needs it importable, a CUDA GPU and an [hf]
     # artifact; an explicit choice that cannot start fails here rather than at start.
     try:
         choice = choose_backend(settings.backend, manifest)
     except BackendChoiceError as exc:
-        return CheckResult("backend", False, str(exc))
+        return CheckResult("backend", False, str(exc)), False
     if choice.name == "llamacpp":
         try:
             import llama_cpp
         except ImportError as exc:
             detail = f"llama-cpp-python does not import ({exc}): install edge-agent[cpu]"
-            return CheckResult("backend", False, detail)
-        return CheckResult(
-            "backend", True, f"{choice.reason} (llama-cpp-python {llama_cpp.__version__})"
+            return CheckResult("backend", False, detail), True
+        detail = f"{choice.reason} (llama-cpp-python {llama_cpp.__version__})"
+        return CheckResult("backend", True, detail), True
+    return CheckResult("backend", True, choice.reason), False
+
+
+def check_engine(settings: Settings, manifest: ModelManifest) -> CheckResult:
+    """The CPU configuration serve would use, proved by decoding in probe processes.
+
+    A build that imports is not a build that works: this decodes a few tokens under each
+    configuration it needs to (a crash costs only the probe) and caches the verdict.
+    """
+    from edge_agent.engine.backends.llamacpp_config import ladder
+    from edge_agent.engine.backends.llamacpp_probe import VerdictCache, select_config
+
+    assert manifest.gguf is not None
+    verdict = select_config(
+        ladder(settings.cpu_repack),
+        gguf=manifest.gguf_path(),
+        gguf_sha256=manifest.gguf.sha256,
+        threads=settings.threads or os.cpu_count() or 1,
+        cache=VerdictCache(settings.engine.probe_cache_path()),
+    )
+    if verdict.config is None:
+        detail = (
+            f"{verdict.reason}. This llama.cpp build does not decode on this CPU: rebuild "
+            "llama-cpp-python for a generic x86-64 CPU (CMAKE_ARGS='-DGGML_NATIVE=OFF "
+            "-DGGML_LLAMAFILE=OFF'), and if only the repacked path fails set cpu_repack = \"off\""
         )
-    return CheckResult("backend", True, choice.reason)
+        return CheckResult("engine", False, detail)
+    cached = " (verdict cached for this build and CPU)" if verdict.cached else ""
+    return CheckResult("engine", True, verdict.reason + cached)
 
 
 def _port(host: str, port: int) -> CheckResult:

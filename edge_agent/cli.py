@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from edge_agent import sdnotify
-from edge_agent.checks import format_results, run_checks
+from edge_agent.checks import check_engine, format_results, run_checks
 from edge_agent.config import ConfigError, Settings, load_settings
 from edge_agent.engine.backend_choice import BackendChoiceError, build_backend, choose_backend
 from edge_agent.engine.types import Backend
@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-port", action="store_true", help="skip the port check (the service is running)"
     )
     check.set_defaults(func=_check)
+    probe = commands.add_parser(
+        "probe-engine",
+        help="prove llama.cpp decodes on this box, and which CPU configuration serves",
+        description=(
+            "Decode a few tokens with the model under each llama.cpp CPU configuration "
+            "needed, each in a process of its own (a crash costs only that process), and "
+            "cache the verdict that serve uses. Exit status 0 when one configuration decodes."
+        ),
+    )
+    _settings_args(probe)
+    probe.set_defaults(func=_probe_engine)
     add_logbook_commands(commands)
     add_api_spec_command(commands)
     return parser
@@ -96,6 +107,20 @@ def make_backend(settings: Settings, manifest: ModelManifest) -> Backend:
     choice = choose_backend(settings.backend, manifest)
     log.info("backend_chosen", backend=choice.name, reason=choice.reason)
     return build_backend(choice, manifest, settings)
+
+
+def _probe_engine(args: argparse.Namespace) -> int:
+    try:
+        settings, manifest = _load(args)
+    except (ConfigError, ManifestError) as exc:
+        print(f"FAIL {exc}")
+        return 1
+    if manifest.gguf is None:
+        print(f"FAIL model {manifest.name!r} has no [gguf] artifact for llama.cpp")
+        return 1
+    result = check_engine(settings, manifest)
+    print(f"{'ok  ' if result.ok else 'FAIL'} {result.name}: {result.detail}")
+    return 0 if result.ok else 1
 
 
 def _check(args: argparse.Namespace) -> int:
