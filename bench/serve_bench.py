@@ -5,7 +5,11 @@ One command, one run, the same model and thread count for every server:
     .venv/bin/python bench/serve_bench.py [--quick]
 
 Sweeps 1, 2, 4 and 8 concurrent streaming chat clients (fixed prompts, fixed
-max_tokens, temperature 0) against each server in turn (never both at once). The
+max_tokens, temperature 0) against each server in turn (never both at once). edge-agent
+runs twice, alternating sweep by sweep: as it serves (llama.cpp in its supervised engine
+process) and with the engine in the daemon's own process (``engine.isolated = false``,
+the previous design), so the process boundary's cost is measured side by side; then
+the engine is killed and the time until /readyz is 200 again is the restart time. The
 ceiling, the model driven in-process by llama-cpp-python (no HTTP), is measured
 request by request alternating with edge-agent's single stream, so both see the same
 machine. Then prefix reuse (a ~1,000-token system prompt sent twice) and raw
@@ -39,6 +43,7 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
 CONCURRENCY = (1, 2, 4, 8)
+IN_PROCESS = "edge-agent in-process engine"
 QUESTIONS = [
     "Tell me a story about a robot.",
     "What is the capital of France?",
@@ -74,6 +79,8 @@ class Results:
     direct: dict[str, float] = field(default_factory=dict)
     raw: dict[str, float] = field(default_factory=dict)
     prefix: dict[str, float] = field(default_factory=dict)
+    boundary: dict[str, float] = field(default_factory=dict)
+    restart: dict[str, float] = field(default_factory=dict)
 
 
 def gguf_path() -> Path:
@@ -257,6 +264,84 @@ async def sweep(
     return rounds, beside_samples
 
 
+def pool(name: str, parts: list[list[Round]]) -> list[Round]:
+    """Rounds of several sweeps of one server, pooled per concurrency (request-weighted)."""
+    pooled = []
+    for concurrency in CONCURRENCY:
+        rounds = [r for part in parts for r in part if r.concurrency == concurrency]
+        total = sum(r.requests for r in rounds)
+
+        def mean(values: list[tuple[float, int]]) -> float:
+            return sum(v * n for v, n in values) / sum(n for _, n in values)
+
+        pooled.append(
+            Round(
+                server=name,
+                concurrency=concurrency,
+                aggregate_tps=mean([(r.aggregate_tps, r.requests) for r in rounds]),
+                ttft_p50_ms=mean([(r.ttft_p50_ms, r.requests) for r in rounds]),
+                ttft_p99_ms=max(r.ttft_p99_ms for r in rounds),
+                stream_tps_p50=mean([(r.stream_tps_p50, r.requests) for r in rounds]),
+                peak_rss_mib=max(r.peak_rss_mib for r in rounds),
+                requests=total,
+            )
+        )
+    return pooled
+
+
+def boundary_cost(messages: int = 2000) -> dict[str, float]:
+    """One decode step's message (8 sequences, one token each) through the engine socket:
+    pickled, sent, received and unpickled, as the engine process and the daemon do it."""
+    import socket as socket_module
+    from multiprocessing.connection import Connection
+
+    sys.path.insert(0, str(REPO))
+    from edge_agent.engine.backends.llamacpp_wire import Step
+    from edge_agent.engine.types import TokenEvent
+
+    left, right = socket_module.socketpair()
+    sender, receiver = Connection(left.detach()), Connection(right.detach())
+    step = Step([(key, [TokenEvent(1000 + key, " word")]) for key in range(8)], 1)
+
+    def pump() -> None:
+        for _ in range(messages):
+            sender.send(step)
+
+    thread = threading.Thread(target=pump)
+    started = time.perf_counter()
+    thread.start()
+    for _ in range(messages):
+        receiver.recv()
+    elapsed = time.perf_counter() - started
+    thread.join()
+    sender.close()
+    receiver.close()
+    per_step = elapsed / messages
+    return {"step_us": per_step * 1e6, "token_us_at_8": per_step * 1e6 / 8}
+
+
+async def restart_time(server: Server, tries: int = 3) -> dict[str, float]:
+    """kill -9 of the engine process to /readyz 200 (and the engine's own figure)."""
+    import signal
+
+    times = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(tries):
+            async with session.get(f"http://127.0.0.1:{server.port}/models") as response:
+                pid = (await response.json())["models"][0]["engine"]["pid"]
+            killed = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            while True:
+                await asyncio.sleep(0.01)
+                async with session.get(f"http://127.0.0.1:{server.port}/readyz") as response:
+                    if response.status == 200:
+                        async with session.get(f"http://127.0.0.1:{server.port}/models") as m:
+                            if (await m.json())["models"][0]["engine"]["pid"] != pid:
+                                break
+            times.append(time.perf_counter() - killed)
+    return {"median_s": statistics.median(times), "max_s": max(times), "tries": tries}
+
+
 async def prefix_reuse(server: Server, max_tokens: int) -> dict[str, float]:
     """ttft of a ~1,000-token system prompt the first time, and again with a new question."""
     system = " ".join(
@@ -395,9 +480,16 @@ def table(results: Results) -> str:
 def targets(results: Results) -> list[tuple[str, str, bool]]:
     by = {(r.server, r.concurrency): r for r in results.rounds}
     edge1, edge8 = by[("edge-agent", 1)], by[("edge-agent", 8)]
+    inproc8 = by[(IN_PROCESS, 8)]
     lcs8 = by[("llama_cpp.server", 8)]
     direct = results.direct
     checks = [
+        (
+            "8 streams: engine process >= 0.97 x the in-process engine (previous design)",
+            f"{edge8.aggregate_tps:.1f} / {inproc8.aggregate_tps:.1f} = "
+            f"{edge8.aggregate_tps / inproc8.aggregate_tps:.3f}",
+            edge8.aggregate_tps >= 0.97 * inproc8.aggregate_tps,
+        ),
         (
             "single stream tok/s >= 0.95 x direct llama-cpp-python",
             f"{edge1.stream_tps_p50:.1f} / {direct['tps']:.1f} = "
@@ -446,7 +538,7 @@ def plot(results: Results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for server in ("edge-agent", "llama_cpp.server"):
+    for server in ("edge-agent", IN_PROCESS, "llama_cpp.server"):
         rounds = [r for r in results.rounds if r.server == server]
         xs = [r.concurrency for r in rounds]
         left.plot(xs, [r.aggregate_tps for r in rounds], marker="o", label=server)
@@ -496,30 +588,54 @@ async def main() -> int:
     results = Results(machine=machine(), max_tokens=args.max_tokens)
     OUT.mkdir(parents=True, exist_ok=True)
 
-    state = tempfile.mkdtemp(prefix="bench-state-")
-    edge = Server(
-        "edge-agent",
-        [sys.executable, "-m", "edge_agent.cli", "serve", "--host", "127.0.0.1",
-         "--port", "18301", "--state-dir", state],
-        18301,
-        "/infer/openai/v1",
-        {"EDGE_AGENT_PARALLEL": "8", "EDGE_AGENT_THREADS": str(threads),
-         "EDGE_AGENT_LOG_FORMAT": "json"},
-    )  # fmt: skip
+    edge_env = {
+        "EDGE_AGENT_PARALLEL": "8",
+        "EDGE_AGENT_THREADS": str(threads),
+        "EDGE_AGENT_LOG_FORMAT": "json",
+    }
+
+    def edge_agent(name: str, port: int, env: dict[str, str]) -> Server:
+        state = tempfile.mkdtemp(prefix="bench-state-")
+        return Server(
+            name,
+            [sys.executable, "-m", "edge_agent.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(port), "--state-dir", state],
+            port,
+            "/infer/openai/v1",
+            {**edge_env, **env},
+        )  # fmt: skip
+
+    edge = edge_agent("edge-agent", 18301, {})
+    inproc = edge_agent(IN_PROCESS, 18303, {"EDGE_AGENT_ENGINE__ISOLATED": "false"})
     try:
         await edge.wait_ready("/readyz")
+        await inproc.wait_ready("/readyz")
         direct = DirectModel(model, threads)
         print(
-            "edge-agent (logging on, 8 slots), one stream alternating with direct llama-cpp-python:"
+            "edge-agent (logging on, 8 slots), one stream alternating with direct "
+            "llama-cpp-python; sweeps alternating with the in-process engine:"
         )
-        rounds, direct_samples = await sweep(
-            edge, args.max_tokens, per_client, min_requests, args.repeats, beside=direct
-        )
-        results.rounds += rounds
+        edge_parts: list[list[Round]] = []
+        inproc_parts: list[list[Round]] = []
+        direct_samples: list[Sample] = []
+        for _ in range(args.repeats):
+            rounds, beside = await sweep(
+                edge, args.max_tokens, per_client, min_requests, 1, beside=direct
+            )
+            edge_parts.append(rounds)
+            direct_samples += beside
+            inproc_parts.append(
+                (await sweep(inproc, args.max_tokens, per_client, min_requests, 1))[0]
+            )
+        results.rounds += pool("edge-agent", edge_parts) + pool(IN_PROCESS, inproc_parts)
         results.direct = summarize(direct_samples)
         results.prefix = await prefix_reuse(edge, 8)
+        print("engine restart after kill -9:")
+        results.restart = await restart_time(edge)
     finally:
         edge.stop()
+        inproc.stop()
+    results.boundary = boundary_cost()
 
     other = Server(
         "llama_cpp.server",
@@ -555,6 +671,18 @@ async def main() -> int:
         f"raw llama_decode (no Python around it): 1 sequence {raw['step_ms_1']:.1f} ms/step "
         f"({raw['tps_1']:.0f} tok/s), 8 sequences {raw['step_ms_8']:.1f} ms/step "
         f"({raw['tps_8']:.0f} tok/s): batching gives at most {raw['ratio']:.2f}x here"
+    )
+    by = {(r.server, r.concurrency): r for r in results.rounds}
+    one, one_inproc = by[("edge-agent", 1)], by[(IN_PROCESS, 1)]
+    print(
+        f"process boundary: {results.boundary['step_us']:.1f} us per step message "
+        f"({results.boundary['token_us_at_8']:.1f} us per token at 8 streams); single stream "
+        f"{1e3 / one.stream_tps_p50:.2f} ms/token vs {1e3 / one_inproc.stream_tps_p50:.2f} "
+        f"in-process ({1e3 / one.stream_tps_p50 - 1e3 / one_inproc.stream_tps_p50:+.2f} ms)"
+    )
+    print(
+        f"engine restart (kill -9 to ready): median {results.restart['median_s']:.2f} s, "
+        f"max {results.restart['max_s']:.2f} s over {results.restart['tries']:.0f}"
     )
     print()
     for name, figures, held in targets(results):

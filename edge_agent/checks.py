@@ -143,7 +143,7 @@ def check_engine(settings: Settings, manifest: ModelManifest) -> CheckResult:
         detail = (
             f"{verdict.reason}. This llama.cpp build does not decode on this CPU: rebuild "
             "llama-cpp-python for a generic x86-64 CPU (CMAKE_ARGS='-DGGML_NATIVE=OFF "
-            "-DGGML_LLAMAFILE=OFF'), and if only the repacked path fails set cpu_repack = \"off\""
+            '-DGGML_LLAMAFILE=OFF\'), and if only the repacked path fails set cpu_repack = "off"'
         )
         return CheckResult("engine", False, detail)
     cached = " (verdict cached for this build and CPU)" if verdict.cached else ""

@@ -88,7 +88,7 @@ class EngineProcess:
         self.ready: asyncio.Future[Ready | LoadFailed] = loop.create_future()
         self.exited: asyncio.Future[int] = loop.create_future()
         self.on_step: Any = None
-        self.conn.send(start)
+        self.send(start)  # an engine that dies at once is seen by the reader below
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
 
@@ -159,6 +159,7 @@ class LlamaCppProcessBackend(LlamaCppFront):
         self._crashes: deque[float] = deque()
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
+        self._restarting: asyncio.Task[None] | None = None
         self.restarts = 0
         self.last_restart_s: float | None = None
         self.decode_steps = 0  # the current engine's, as of its last message
@@ -245,7 +246,7 @@ class LlamaCppProcessBackend(LlamaCppFront):
             requests_ended=ended,
             served_s=round(time.monotonic() - engine.started_at, 1),
         )
-        asyncio.get_running_loop().create_task(self._restart(why))
+        self._restarting = asyncio.get_running_loop().create_task(self._restart(why))
 
     async def _restart(self, why: str) -> None:
         died_at = time.perf_counter()
@@ -281,7 +282,11 @@ class LlamaCppProcessBackend(LlamaCppFront):
                 gguf_sha256=self._digest,
                 threads=self._threads,
                 config=self._config.name,
-                why=f"crashed {len(self._crashes)} times in {policy.crash_window_s:g} s: {why}",
+                why=(
+                    f"died before it was ready: {why}"
+                    if never_served
+                    else f"crashed {len(self._crashes)} times in {policy.crash_window_s:g} s: {why}"
+                ),
             )
             self.verdict = verdict
             if verdict.config is None:
@@ -321,8 +326,9 @@ class LlamaCppProcessBackend(LlamaCppFront):
 
     async def close(self) -> None:
         self._closing = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
+        for task in (self._supervisor, self._restarting):
+            if task is not None:
+                task.cancel()
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.stop()
