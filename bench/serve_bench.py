@@ -91,7 +91,8 @@ def gguf_path() -> Path:
 
 
 class RssSampler:
-    """Peak resident memory of a process, sampled every 50 ms on a thread."""
+    """Peak resident memory of a process and its children (edge-agent's engine process),
+    sampled every 50 ms on a thread."""
 
     def __init__(self, pid: int) -> None:
         self._process = psutil.Process(pid)
@@ -102,7 +103,14 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, self._process.memory_info().rss)
+                family = [self._process, *self._process.children(recursive=True)]
+                rss = 0
+                for process in family:
+                    try:
+                        rss += process.memory_info().rss
+                    except psutil.NoSuchProcess:
+                        pass  # a probe that ended between the listing and the reading
+                self.peak = max(self.peak, rss)
             except psutil.Error:
                 return
             time.sleep(0.05)
@@ -522,10 +530,10 @@ def targets(results: Results) -> list[tuple[str, str, bool]]:
             results.prefix["ratio"] >= 3,
         ),
         (
-            "peak RSS at 8 streams < 2 x single stream",
+            "peak RSS (daemon + engine process) at 8 streams < 2 x single stream",
             f"{edge8.peak_rss_mib:.0f} / {edge1.peak_rss_mib:.0f} MiB = "
             f"{edge8.peak_rss_mib / edge1.peak_rss_mib:.2f}",
-            edge8.peak_rss_mib < 2 * edge1.peak_rss_mib,
+            0 < edge8.peak_rss_mib < 2 * edge1.peak_rss_mib,  # 0: no sample, not a pass
         ),
     ]
     return checks
