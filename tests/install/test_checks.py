@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from edge_agent.checks import (
     check_config,
     exit_code,
@@ -18,6 +20,7 @@ from edge_agent.checks import (
     run_checks_for_config,
 )
 from edge_agent.config import Settings
+from edge_agent.engine.backends.llamacpp_wire import FAULT_ENV
 from edge_agent.manifest import ModelManifest
 
 
@@ -35,11 +38,33 @@ def test_a_good_setup_passes(tmp_path: Path) -> None:
     results = run_checks(Settings(state_dir=tmp_path / "state", port=0))
     assert all(r.ok for r in results), format_results(results)
     assert {r.name for r in results} == {
-        "config", "model manifest", "model weights", "backend", "port", "state directory",
+        "config", "model manifest", "model weights", "backend", "engine", "port",
+        "state directory",
     }  # fmt: skip
     assert format_results(results).endswith("all checks passed")
     assert exit_code(results) == 0
     assert not (tmp_path / "state").exists(), "a check creates nothing"
+
+
+def test_the_engine_check_decodes_and_says_which_configuration_serves(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path, port=0, engine={"probe_cache": tmp_path / "p.json"})
+    (engine,) = [r for r in run_checks(settings) if r.name == "engine"]
+    assert engine.ok and engine.detail.startswith("repack: decoded on this box")
+    (again,) = [r for r in run_checks(settings) if r.name == "engine"]
+    assert again.detail.endswith("(verdict cached for this build and CPU)")
+
+
+def test_an_engine_that_crashes_under_every_configuration_fails_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, "segv:repack")  # a real SIGSEGV in the probe process
+    settings = Settings(
+        state_dir=tmp_path, port=0, cpu_repack="on", engine={"probe_cache": tmp_path / "p.json"}
+    )
+    failed = failures(settings)
+    assert list(failed) == ["engine"]
+    assert "repack crashed: SIGSEGV" in failed["engine"]
+    assert "-DGGML_NATIVE=OFF" in failed["engine"] and 'cpu_repack = "off"' in failed["engine"]
 
 
 def test_a_wrong_sha256_fails(tmp_path: Path, manifest: ModelManifest) -> None:
@@ -147,6 +172,6 @@ def test_a_good_config_runs_every_check(tmp_path: Path) -> None:
     config.write_text(f'port = 0\nstate_dir = "{tmp_path / "state"}"\n')
     results = run_checks_for_config(config, check_port=False)
     assert [r.name for r in results] == [
-        "config", "model manifest", "model weights", "backend", "state directory",
+        "config", "model manifest", "model weights", "backend", "engine", "state directory",
     ]  # fmt: skip
     assert exit_code(results) == 0, format_results(results)

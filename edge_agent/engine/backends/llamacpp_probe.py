@@ -102,6 +102,9 @@ def run_probe(gguf: Path, config: CpuConfig, *, threads: int, timeout_s: float) 
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+    except OSError as exc:
+        os.close(read_fd)
+        return ProbeResult(config.name, "failed", f"cannot start a probe process: {exc}")
     finally:
         os.close(write_fd)
     try:
