@@ -87,7 +87,7 @@ class MethodNotAllowed(ApiError):
     error_type = "invalid_request_error"
 
 
-class QueueFull(ApiError):
+class RateLimited(ApiError):
     status = 429
     error_type = "rate_limit_error"
 
@@ -105,7 +105,7 @@ class ModelNotReady(ApiError):
         )
 
 
-class ShuttingDown(ApiError):
+class Draining(ApiError):
     status = 503
     error_type = "server_error"
 
@@ -115,12 +115,12 @@ class ShuttingDown(ApiError):
         )
 
 
-class DeadlineExceeded(ApiError):
+class GenerationTimeout(ApiError):
     status = 504
     error_type = "server_error"
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"request exceeded its deadline of {seconds:g}s", code="timeout")
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="timeout")
 
 
 class InternalError(ApiError):

@@ -11,6 +11,10 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+# What a backend raises is part of its protocol; the classes live with the engine's others.
+from edge_agent.engine.errors import BackendError as BackendError
+from edge_agent.engine.errors import UnsupportedFeature as UnsupportedFeature
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -90,18 +94,6 @@ class BackendInfo:
     detail: str = ""
 
 
-class BackendError(RuntimeError):
-    """A backend failed while loading or generating."""
-
-
-class UnsupportedParameter(ValueError):
-    """The backend cannot honour a request parameter; ``param`` names it."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 @runtime_checkable
 class Backend(Protocol):
     """What the scheduler needs of an inference backend."""
@@ -125,7 +117,7 @@ class Backend(Protocol):
         """Apply the model's own chat template, ending with the assistant's turn opened."""
 
     def check_supported(self, params: SamplingParams) -> None:
-        """Raise UnsupportedParameter for anything this backend cannot honour."""
+        """Raise UnsupportedFeature for anything this backend cannot honour."""
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Stream the sequence's tokens; the last event carries ``finish_reason``.

@@ -15,7 +15,7 @@ from edge_agent.engine.types import (
     GenerationRequest,
     SamplingParams,
     StructuredOutput,
-    UnsupportedParameter,
+    UnsupportedFeature,
 )
 from edge_agent.errors import ContextLengthExceeded, InvalidRequest
 from edge_agent.protocol import (
@@ -24,6 +24,7 @@ from edge_agent.protocol import (
     CompletionRequest,
     SamplingFields,
 )
+from edge_agent.server.engine_errors import as_api_error
 
 Endpoint = Literal["completions", "chat/completions"]
 
@@ -138,8 +139,8 @@ async def prepare(
     )
     try:
         prompts = await asyncio.to_thread(_prompts_as_tokens, request, backend)
-    except UnsupportedParameter as exc:
-        raise InvalidRequest(str(exc), param=exc.param) from None
+    except UnsupportedFeature as exc:
+        raise as_api_error(exc, prompt_param=_prompt_param(request)) from None
     info = backend.info
     window = info.context_length
     n = int(params.get("n", 1))
@@ -164,8 +165,8 @@ async def prepare(
             sampling = _sampling_params(params, max_tokens, logprobs, choice)
             try:
                 backend.check_supported(sampling)
-            except UnsupportedParameter as exc:
-                raise InvalidRequest(str(exc), param=exc.param) from None
+            except UnsupportedFeature as exc:
+                raise as_api_error(exc, prompt_param=_prompt_param(request)) from None
             sequences.append(
                 GenerationRequest(f"{request_id}-{prompt_index}-{choice}", tokens, sampling)
             )

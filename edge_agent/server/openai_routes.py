@@ -13,11 +13,12 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from edge_agent.engine.errors import EngineError
 from edge_agent.engine.scheduler import GenerationClock, Step
-from edge_agent.engine.types import BackendError
-from edge_agent.errors import ApiError, InternalError, OpenAIDisabled
+from edge_agent.errors import ApiError, OpenAIDisabled
 from edge_agent.observability import observe_request
 from edge_agent.protocol import ModelCard, ModelList
+from edge_agent.server.engine_errors import as_api_error
 from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_request, prepare
 from edge_agent.server.openai_responses import ResponseBuilder
 from edge_agent.server.records import build_record, request_body_for_log
@@ -112,10 +113,11 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         outcome.status, outcome.error = "cancelled", "client disconnected"
         await asyncio.shield(commit_record())
         raise
-    except BackendError as exc:
-        outcome.status, outcome.error = "error", str(exc)
+    except EngineError as exc:
+        mapped = as_api_error(exc)
+        outcome.status, outcome.error = "error", mapped.message
         await commit_record()
-        raise InternalError(f"generation failed: {exc}") from None
+        raise mapped from None
     finally:
         _finish_log(state, endpoint, request_id, clock, outcome)
 
@@ -176,11 +178,12 @@ async def _stream(
         outcome.response_json = builder.response(clock).model_dump_json()
         await commit_record()
         await writer.send(_error_event(error))
-    except BackendError as exc:
-        outcome.status, outcome.error = "error", str(exc)
+    except EngineError as exc:
+        mapped = as_api_error(exc)
+        outcome.status, outcome.error = "error", mapped.message
         outcome.response_json = builder.response(clock).model_dump_json()
         await commit_record()
-        await writer.send(_error_event(InternalError(f"generation failed: {exc}")))
+        await writer.send(_error_event(mapped))
     except (asyncio.CancelledError, ConnectionResetError):
         outcome.status, outcome.error = "cancelled", "client disconnected"
         outcome.response_json = builder.response(clock).model_dump_json()
