@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from edge_agent.protocol.openai import ErrorDetail, ErrorResponse
 
 OPENAI_OFF_MESSAGE = (
     "Inference failed. Please apply the appropriate OpenAI configurations to the models "
@@ -36,15 +38,11 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers or {}
 
-    def envelope(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+    def envelope(self) -> ErrorResponse:
+        detail = ErrorDetail(
+            message=self.message, type=self.error_type, param=self.param, code=self.code
+        )
+        return ErrorResponse(error=detail)
 
 
 class InvalidRequest(ApiError):

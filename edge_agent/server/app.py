@@ -13,7 +13,7 @@ from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
 from edge_agent.logbook import LogStore, Uploader
 from edge_agent.manifest import ModelManifest
-from edge_agent.openapi import add_openapi_route
+from edge_agent.protocol.edge import SPEC_PATH
 from edge_agent.server import edge_routes, logs_routes, native_routes, openai_routes
 from edge_agent.server.middleware import bearer_token, errors_as_envelopes
 from edge_agent.server.openai_requests import validate_defaults
@@ -76,7 +76,7 @@ def create_app(
     app.router.add_get("/readyz", edge_routes.readyz)
     app.router.add_get("/metrics", edge_routes.metrics)
     app.router.add_get("/logs", logs_routes.recent_logs)
-    add_openapi_route(app)
+    app.router.add_get(SPEC_PATH, edge_routes.openapi_yaml)
     app.on_startup.append(_start_loading)
     app.on_startup.append(_start_uploader)
     app.on_cleanup.append(_unload)

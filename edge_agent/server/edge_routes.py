@@ -1,4 +1,4 @@
-"""The edge endpoints: pipelines, models, health, readiness, metrics."""
+"""The edge endpoints: pipelines, models, health, readiness, metrics, the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -6,47 +6,57 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge_agent.observability import IN_FLIGHT, QUEUED
+from edge_agent.openapi import YAML_CONTENT_TYPE, spec_yaml
+from edge_agent.protocol.edge import (
+    DeployedModel,
+    DeployedModelList,
+    Health,
+    PipelineList,
+    PipelineStatus,
+    Readiness,
+)
 from edge_agent.server.state import state_of
+from edge_agent.server.wire import json_response
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response(Health())
 
 
 async def readyz(request: web.Request) -> web.Response:
     state = state_of(request)
     if state.ready:
-        return web.json_response({"status": "ready", "model": state.manifest.name})
+        return json_response(
+            Readiness(status="ready", model=state.manifest.name), exclude_none=True
+        )
     reason = "shutting down" if state.scheduler.draining else state.status_detail
-    return web.json_response(
-        {"status": state.status.lower(), "reason": reason},
+    return json_response(
+        Readiness(status=state.status.lower(), reason=reason),
         status=503,
         headers={"Retry-After": "5"},
+        exclude_none=True,
     )
 
 
 async def pipelines(request: web.Request) -> web.Response:
     state = state_of(request)
-    status = "Error" if state.status == "Error" else "Running"
-    return web.json_response({"pipelines": [{"id": state.settings.pipeline, "status": status}]})
+    pipeline = PipelineStatus(
+        id=state.settings.pipeline, status="Error" if state.status == "Error" else "Running"
+    )
+    return json_response(PipelineList(pipelines=[pipeline]))
 
 
 async def models(request: web.Request) -> web.Response:
     state = state_of(request)
     manifest = state.manifest
-    return web.json_response(
-        {
-            "models": [
-                {
-                    "name": manifest.name,
-                    "sha": manifest.sha256,
-                    "status": state.status,
-                    "version": manifest.version,
-                    "backend": state.backend.info.name,
-                }
-            ]
-        }
+    model = DeployedModel(
+        name=manifest.name,
+        sha=manifest.sha256,
+        status=state.status,
+        version=manifest.version,
+        backend=state.backend.info.name,
     )
+    return json_response(DeployedModelList(models=[model]))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -56,3 +66,11 @@ async def metrics(request: web.Request) -> web.Response:
     response = web.Response(body=generate_latest())
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
+
+
+async def openapi_yaml(request: web.Request) -> web.Response:
+    """GET /openapi.yaml: the document, with the server URL the client reached us by."""
+    state = state_of(request)
+    server_url = f"{request.scheme}://{request.host}"
+    text = spec_yaml(state.settings, state.manifest, server_url=server_url)
+    return web.Response(text=text, content_type=YAML_CONTENT_TYPE)

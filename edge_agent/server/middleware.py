@@ -18,19 +18,18 @@ from edge_agent.errors import (
     MethodNotAllowed,
     NotFound,
 )
+from edge_agent.protocol.edge import OPEN_PATHS
 from edge_agent.server.engine_errors import as_api_error
 from edge_agent.server.state import state_of
+from edge_agent.server.wire import json_response
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Inference paths need the bearer token when one is configured; health and metrics stay open.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.yaml"})
-
 
 def error_response(error: ApiError) -> web.Response:
-    return web.json_response(error.envelope(), status=error.status, headers=error.headers)
+    return json_response(error.envelope(), status=error.status, headers=error.headers)
 
 
 @web.middleware

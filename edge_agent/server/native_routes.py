@@ -10,14 +10,25 @@ import time
 import uuid
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from edge_agent.engine.scheduler import GenerationClock
 from edge_agent.errors import ApiError, InvalidRequest, NotFound, OpenAIEnabled
 from edge_agent.observability import observe_request
-from edge_agent.protocol import CompletionRequest
+from edge_agent.protocol.native import (
+    NativeAnomaly,
+    NativeIn,
+    NativeMetadata,
+    NativeOut,
+    NativeOutput,
+    NativeOutputs,
+    NativeRecords,
+)
+from edge_agent.protocol.openai import CompletionRequest
 from edge_agent.server.openai_requests import prepare
 from edge_agent.server.records import build_record, request_body_for_log
 from edge_agent.server.state import AppState, state_of
+from edge_agent.server.wire import json_response
 
 
 async def pipeline_infer(request: web.Request) -> web.Response:
@@ -43,25 +54,30 @@ async def infer(request: web.Request) -> web.Response:
             started = time.perf_counter_ns()
             generated, used = await _generate(state, text, clock)
             prompt_tokens += used
-            outputs.append(
-                {
-                    "time": int(time.time() * 1000),
-                    "in": {"text": text},
-                    "out": {"generated_text": generated},
-                    "anomaly": {"count": 0},
-                    "metadata": {
-                        "last_model": json.dumps(
-                            {"model_name": state.manifest.name, "model_sha": state.manifest.sha256}
-                        ),
-                        "pipeline_version": state.manifest.version,
-                        "elapsed": [time.perf_counter_ns() - started],
-                        "dropped": [],
-                        "partition": socket.gethostname(),
-                    },
-                }
+            metadata = NativeMetadata(
+                last_model=json.dumps(
+                    {"model_name": state.manifest.name, "model_sha": state.manifest.sha256}
+                ),
+                pipeline_version=state.manifest.version,
+                elapsed=[time.perf_counter_ns() - started],
+                dropped=[],
+                partition=socket.gethostname(),
             )
-        body_out = json.dumps(outputs)
-        return web.Response(text=body_out, content_type="application/json")
+            outputs.append(
+                # By wire name: "in" is a keyword, so it cannot be an argument.
+                NativeOutput.model_validate(
+                    {
+                        "time": int(time.time() * 1000),
+                        "in": NativeIn(text=text),
+                        "out": NativeOut(generated_text=generated),
+                        "anomaly": NativeAnomaly(count=0),
+                        "metadata": metadata,
+                    }
+                )
+            )
+        response = json_response(NativeOutputs(outputs))
+        body_out = response.text
+        return response
     except ApiError as exc:
         status, error = "error", exc.message
         raise
@@ -95,18 +111,20 @@ async def infer(request: web.Request) -> web.Response:
 
 def _texts(raw: bytes) -> list[str]:
     try:
-        records = json.loads(raw)
-    except ValueError:
-        raise InvalidRequest("request body is not valid JSON") from None
-    if not isinstance(records, list) or not records:
-        raise InvalidRequest('body must be pandas-records JSON: [{"text": "..."}, ...]')
-    texts = []
-    for index, record in enumerate(records):
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str) or not text:
-            raise InvalidRequest(f"record {index}: needs a non-empty string 'text'", param="text")
-        texts.append(record["text"])
-    return texts
+        records = NativeRecords.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise InvalidRequest("request body is not valid JSON") from None
+        if len(first["loc"]) < 2:  # not a list, an empty one, or a row that is not an object
+            raise InvalidRequest(
+                'body must be pandas-records JSON: [{"text": "..."}, ...]'
+            ) from None
+        index = first["loc"][0]
+        raise InvalidRequest(
+            f"record {index}: needs a non-empty string 'text'", param="text"
+        ) from None
+    return [record.text for record in records.root]
 
 
 async def _generate(state: AppState, text: str, clock: GenerationClock) -> tuple[str, int]:

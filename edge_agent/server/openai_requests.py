@@ -18,7 +18,7 @@ from edge_agent.engine.types import (
     UnsupportedFeature,
 )
 from edge_agent.errors import ContextLengthExceeded, InvalidRequest
-from edge_agent.protocol import (
+from edge_agent.protocol.openai import (
     SAMPLING_FIELDS,
     ChatCompletionRequest,
     CompletionRequest,

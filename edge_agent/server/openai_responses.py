@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from edge_agent.engine.scheduler import GenerationClock, Step
 from edge_agent.engine.types import Backend, FinishReason
-from edge_agent.protocol import (
+from edge_agent.protocol.openai import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -17,17 +16,19 @@ from edge_agent.engine.errors import EngineError
 from edge_agent.engine.scheduler import GenerationClock, Step
 from edge_agent.errors import ApiError, OpenAIDisabled
 from edge_agent.observability import observe_request
-from edge_agent.protocol import ModelCard, ModelList
+from edge_agent.protocol.edge import OPENAI_PREFIX
+from edge_agent.protocol.openai import ModelCard, ModelList
 from edge_agent.server.engine_errors import as_api_error
 from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_request, prepare
 from edge_agent.server.openai_responses import ResponseBuilder
 from edge_agent.server.records import build_record, request_body_for_log
 from edge_agent.server.sse import SseWriter
 from edge_agent.server.state import AppState, state_of
+from edge_agent.server.wire import json_response
 
 log = structlog.get_logger(__name__)
 
-PREFIX = "/infer/openai/v1"
+PREFIX = OPENAI_PREFIX
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -43,7 +44,7 @@ async def list_models(request: web.Request) -> web.Response:
     if not state.manifest.openai.enabled:
         raise OpenAIDisabled()
     card = ModelCard(id=state.manifest.name, created=int(state.started_at))
-    return web.json_response(text=ModelList(data=[card]).model_dump_json())
+    return json_response(ModelList(data=[card]))
 
 
 class _Outcome:
@@ -177,23 +178,19 @@ async def _stream(
         outcome.status, outcome.error = "error", error.message
         outcome.response_json = builder.response(clock).model_dump_json()
         await commit_record()
-        await writer.send(_error_event(error))
+        await writer.send(error.envelope())
     except EngineError as exc:
         mapped = as_api_error(exc)
         outcome.status, outcome.error = "error", mapped.message
         outcome.response_json = builder.response(clock).model_dump_json()
         await commit_record()
-        await writer.send(_error_event(mapped))
+        await writer.send(mapped.envelope())
     except (asyncio.CancelledError, ConnectionResetError):
         outcome.status, outcome.error = "cancelled", "client disconnected"
         outcome.response_json = builder.response(clock).model_dump_json()
         await asyncio.shield(commit_record())
         raise
     return await writer.done()
-
-
-def _error_event(error: ApiError) -> bytes:
-    return json.dumps(error.envelope()).encode()
 
 
 async def _choices(

@@ -7,6 +7,7 @@ from typing import Any
 
 from edge_agent.engine.scheduler import GenerationClock
 from edge_agent.logbook import new_record_id
+from edge_agent.protocol.logs import LogRecord
 from edge_agent.server.state import AppState
 
 
@@ -32,7 +33,7 @@ def build_record(
     error: str | None = None,
 ) -> dict[str, Any]:
     manifest = state.manifest
-    record: dict[str, Any] = {
+    record = {
         "id": new_record_id(),
         "time": accepted_ms,
         "pipeline": state.settings.pipeline,
@@ -50,7 +51,6 @@ def build_record(
             "elapsed_s": clock.elapsed_s,
         },
         "status": status,
+        "error": error,
     }
-    if error is not None:
-        record["error"] = error
-    return record
+    return LogRecord.model_validate(record).as_dict()

@@ -1,0 +1,44 @@
+"""The edge surface: pipelines, deployed models, health and readiness, and where paths live."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OPENAI_PREFIX = "/infer/openai/v1"
+SPEC_PATH = "/openapi.yaml"
+# Paths that stay open when a bearer token is configured: health, metrics, this document.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", SPEC_PATH})
+
+
+class PipelineStatus(BaseModel):
+    id: str
+    status: Literal["Running", "Error"]
+
+
+class PipelineList(BaseModel):
+    pipelines: list[PipelineStatus]
+
+
+class DeployedModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    sha: str = Field(description="sha256 of the weights")
+    status: Literal["Running", "Error", "Loading"]
+    version: str
+    backend: str | None = Field(default=None, description="llamacpp or vllm")
+
+
+class DeployedModelList(BaseModel):
+    models: list[DeployedModel]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready, loading, error or running (while draining)")
+    model: str | None = None
+    reason: str | None = None
