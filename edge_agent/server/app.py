@@ -16,7 +16,7 @@ from edge_agent.manifest import ModelManifest
 from edge_agent.protocol.edge import SPEC_PATH
 from edge_agent.server import edge_routes, logs_routes, native_routes, openai_routes
 from edge_agent.server.middleware import bearer_token, errors_as_envelopes
-from edge_agent.server.openai_requests import validate_defaults
+from edge_agent.server.params import model_defaults
 from edge_agent.server.state import STATE_KEY, AppState, DiscardingSink, RecordSink
 
 log = structlog.get_logger(__name__)
@@ -43,8 +43,9 @@ def create_app(
                 "openai": manifest.openai.model_copy(update={"enabled": settings.openai_enabled})
             }
         )
-    validate_defaults(manifest.openai.completion_config, "openai.completion_config")
-    validate_defaults(manifest.openai.chat_config, "openai.chat_config")
+    # A default that a request could not carry either fails the start, not a request.
+    model_defaults(manifest, "completions")
+    model_defaults(manifest, "chat/completions")
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         middlewares=[errors_as_envelopes, bearer_token],

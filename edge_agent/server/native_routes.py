@@ -8,6 +8,7 @@ import json
 import socket
 import time
 import uuid
+from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -26,6 +27,7 @@ from edge_agent.protocol.native import (
 )
 from edge_agent.protocol.openai import CompletionRequest
 from edge_agent.server.openai_requests import prepare
+from edge_agent.server.params import model_defaults
 from edge_agent.server.records import build_record, request_body_for_log
 from edge_agent.server.state import AppState, state_of
 from edge_agent.server.wire import json_response
@@ -44,6 +46,7 @@ async def infer(request: web.Request) -> web.Response:
     accepted_ms = int(time.time() * 1000)
     raw = await request.read()
     status, error, body_out, prompt_tokens = "ok", None, None, 0
+    params: dict[str, Any] = {}
     try:
         if state.manifest.openai.enabled:
             raise OpenAIEnabled()
@@ -52,7 +55,7 @@ async def infer(request: web.Request) -> web.Response:
         outputs = []
         for text in texts:
             started = time.perf_counter_ns()
-            generated, used = await _generate(state, text, clock)
+            generated, used, params = await _generate(state, text, clock)
             prompt_tokens += used
             metadata = NativeMetadata(
                 last_model=json.dumps(
@@ -91,7 +94,7 @@ async def infer(request: web.Request) -> web.Response:
             accepted_ms=accepted_ms,
             body=request_body_for_log(raw),
             response_json=body_out,
-            params=state.manifest.openai.completion_config,
+            params=params,
             clock=clock,
             prompt_tokens=prompt_tokens,
             status=status,
@@ -127,13 +130,15 @@ def _texts(raw: bytes) -> list[str]:
     return [record.text for record in records.root]
 
 
-async def _generate(state: AppState, text: str, clock: GenerationClock) -> tuple[str, int]:
+async def _generate(
+    state: AppState, text: str, clock: GenerationClock
+) -> tuple[str, int, dict[str, Any]]:
     prepared = await prepare(
         "completions",
         CompletionRequest(prompt=text),
         request_id=uuid.uuid4().hex,
         backend=state.backend,
-        defaults=state.manifest.openai.completion_config,
+        defaults=model_defaults(state.manifest, "infer"),
     )
     pieces: list[str] = []
     with state.scheduler.admit(1):
@@ -141,4 +146,4 @@ async def _generate(state: AppState, text: str, clock: GenerationClock) -> tuple
         async with contextlib.aclosing(run) as steps:
             async for step in steps:
                 pieces.append(step.text)
-    return "".join(pieces), prepared.prompt_tokens
+    return "".join(pieces), prepared.prompt_tokens, prepared.params.for_log()

@@ -21,6 +21,7 @@ from edge_agent.protocol.openai import ModelCard, ModelList
 from edge_agent.server.engine_errors import as_api_error
 from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_request, prepare
 from edge_agent.server.openai_responses import ResponseBuilder
+from edge_agent.server.params import model_defaults
 from edge_agent.server.records import build_record, request_body_for_log
 from edge_agent.server.sse import SseWriter
 from edge_agent.server.state import AppState, state_of
@@ -91,13 +92,14 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
             raise OpenAIDisabled()
         parsed = parse_request(endpoint, raw)
         state.require_ready()
-        defaults = state.manifest.openai.chat_config
-        if endpoint == "completions":
-            defaults = state.manifest.openai.completion_config
         prepared = await prepare(
-            endpoint, parsed, request_id=request_id, backend=state.backend, defaults=defaults
+            endpoint,
+            parsed,
+            request_id=request_id,
+            backend=state.backend,
+            defaults=model_defaults(state.manifest, endpoint),
         )
-        outcome.params = prepared.params
+        outcome.params = prepared.params.for_log()
         outcome.prompt_tokens = prepared.prompt_tokens
         with state.scheduler.admit(len(prepared.sequences)):
             builder = ResponseBuilder(prepared, state.manifest.name, state.backend)
