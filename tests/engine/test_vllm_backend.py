@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent.engine.backends.vllm import VllmBackend, VllmOptions
+from edge_agent.config import VllmOptions
+from edge_agent.engine.backends.vllm import VllmBackend
 from edge_agent.engine.types import (
     Backend,
     BackendError,

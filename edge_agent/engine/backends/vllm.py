@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
 
+from edge_agent.config import VllmOptions
 from edge_agent.engine.types import (
     BackendError,
     BackendInfo,
@@ -39,31 +39,6 @@ from edge_agent.engine.types import (
 from edge_agent.manifest import ManifestError, ModelManifest
 
 log = structlog.get_logger(__name__)
-
-
-class VllmOptions(BaseModel):
-    """Engine settings for the vLLM backend (the ``[vllm]`` section of the config)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # Share of the GPU's memory vLLM may take for weights, activations and KV cache.
-    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
-    # Tokens per sequence; None takes settings.context_size, then the manifest's.
-    max_model_len: int | None = Field(default=None, ge=64)
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    # Sequences decoded together; None takes settings.parallel.
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    dtype: str = "auto"
-    # Skip CUDA graph capture: a faster start and less memory, slower decoding.
-    enforce_eager: bool = False
-    # CONTRACT.md section 2: temperature-0 text must not depend on batching. vLLM's
-    # batch-invariant kernels give that; turning them off is the documented speed-up.
-    batch_invariant: bool = True
-    # The most top_logprobs a request may ask for (OpenAI allows 20).
-    max_logprobs: int = Field(default=20, ge=0)
-    trust_remote_code: bool = False
-    # Any other AsyncEngineArgs field, passed through as is (quantization, ...).
-    engine_args: dict[str, Any] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
