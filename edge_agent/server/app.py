@@ -7,11 +7,12 @@ import socket
 
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from edge_agent.config import Settings
 from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
-from edge_agent.logbook import LogStore, Uploader
+from edge_agent.logbook import LogbookCollector, LogStore, Uploader
 from edge_agent.manifest import ModelManifest
 from edge_agent.protocol.edge import SPEC_PATH
 from edge_agent.server import edge_routes, logs_routes, native_routes, openai_routes
@@ -23,6 +24,7 @@ log = structlog.get_logger(__name__)
 
 _LOADER_KEY = web.AppKey("edge_agent_loader", asyncio.Task[None])
 _UPLOADER_KEY = web.AppKey("edge_agent_uploader", Uploader)
+_LOGBOOK_METRICS_KEY = web.AppKey("edge_agent_logbook_metrics", LogbookCollector)
 
 
 def create_app(
@@ -78,6 +80,13 @@ def create_app(
     app.router.add_get("/metrics", edge_routes.metrics)
     app.router.add_get("/logs", logs_routes.recent_logs)
     app.router.add_get(SPEC_PATH, edge_routes.openapi_yaml)
+    if log_store is not None:
+        # The store and the uploader know nothing of metrics: they are read from here.
+        collector = LogbookCollector(log_store)
+        registry = CollectorRegistry()
+        registry.register(collector)
+        app[_LOGBOOK_METRICS_KEY] = collector
+        app[edge_routes.APP_METRICS] = registry
     app.on_startup.append(_start_loading)
     app.on_startup.append(_start_uploader)
     app.on_cleanup.append(_unload)
@@ -106,6 +115,7 @@ async def _start_uploader(app: web.Application) -> None:
     uploader = Uploader(state.log_store, state.settings.upload, socket.gethostname())
     await uploader.start()
     app[_UPLOADER_KEY] = uploader
+    app[_LOGBOOK_METRICS_KEY].uploader = uploader
 
 
 async def wait_until_loaded(app: web.Application) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from edge_agent.observability import IN_FLIGHT, QUEUED
 from edge_agent.openapi import YAML_CONTENT_TYPE, spec_yaml
@@ -59,11 +59,18 @@ async def models(request: web.Request) -> web.Response:
     return json_response(DeployedModelList(models=[model]))
 
 
+# This daemon's own series (the inference log's), beside the process-wide ones.
+APP_METRICS = web.AppKey("edge_agent_app_metrics", CollectorRegistry)
+
+
 async def metrics(request: web.Request) -> web.Response:
     scheduler = state_of(request).scheduler
     IN_FLIGHT.set(scheduler.in_flight)
     QUEUED.set(scheduler.queued)
-    response = web.Response(body=generate_latest())
+    body = generate_latest(REGISTRY)
+    if APP_METRICS in request.app:
+        body += generate_latest(request.app[APP_METRICS])
+    response = web.Response(body=body)
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
 
