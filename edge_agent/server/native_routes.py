@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
 import time
 import uuid
-from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from edge_agent.engine.scheduler import GenerationClock
-from edge_agent.errors import ApiError, InvalidRequest, NotFound, OpenAIEnabled
-from edge_agent.observability import observe_request
+from edge_agent.errors import InvalidRequest, NotFound, OpenAIEnabled
 from edge_agent.protocol.native import (
     NativeAnomaly,
     NativeIn,
@@ -28,7 +24,7 @@ from edge_agent.protocol.native import (
 from edge_agent.protocol.openai import CompletionRequest
 from edge_agent.server.openai_requests import prepare
 from edge_agent.server.params import model_defaults
-from edge_agent.server.records import build_record, request_body_for_log
+from edge_agent.server.records import RequestLedger
 from edge_agent.server.state import AppState, state_of
 from edge_agent.server.wire import json_response
 
@@ -42,74 +38,40 @@ async def pipeline_infer(request: web.Request) -> web.Response:
 
 async def infer(request: web.Request) -> web.Response:
     state = state_of(request)
-    clock = GenerationClock()
-    accepted_ms = int(time.time() * 1000)
-    raw = await request.read()
-    status, error, body_out, prompt_tokens = "ok", None, None, 0
-    params: dict[str, Any] = {}
-    try:
+    ledger = RequestLedger(state, "infer", await request.read())
+    async with ledger.guard():
         if state.manifest.openai.enabled:
             raise OpenAIEnabled()
-        texts = _texts(raw)
+        texts = _texts(ledger.raw)
         state.require_ready()
-        outputs = []
-        for text in texts:
-            started = time.perf_counter_ns()
-            generated, used, params = await _generate(state, text, clock)
-            prompt_tokens += used
-            metadata = NativeMetadata(
-                last_model=json.dumps(
-                    {"model_name": state.manifest.name, "model_sha": state.manifest.sha256}
-                ),
-                pipeline_version=state.manifest.version,
-                elapsed=[time.perf_counter_ns() - started],
-                dropped=[],
-                partition=socket.gethostname(),
-            )
-            outputs.append(
-                # By wire name: "in" is a keyword, so it cannot be an argument.
-                NativeOutput.model_validate(
-                    {
-                        "time": int(time.time() * 1000),
-                        "in": NativeIn(text=text),
-                        "out": NativeOut(generated_text=generated),
-                        "anomaly": NativeAnomaly(count=0),
-                        "metadata": metadata,
-                    }
-                )
-            )
+        outputs = [await _answer(state, text, ledger) for text in texts]
         response = json_response(NativeOutputs(outputs))
-        body_out = response.text
+        ledger.response_json = response.text
         return response
-    except ApiError as exc:
-        status, error = "error", exc.message
-        raise
-    except asyncio.CancelledError:
-        status, error = "cancelled", "client disconnected"
-        raise
-    finally:
-        record = build_record(
-            state,
-            endpoint="infer",
-            accepted_ms=accepted_ms,
-            body=request_body_for_log(raw),
-            response_json=body_out,
-            params=params,
-            clock=clock,
-            prompt_tokens=prompt_tokens,
-            status=status,
-            error=error,
-        )
-        await asyncio.shield(state.records.append(record))
-        observe_request(
-            endpoint="infer",
-            model=state.manifest.name,
-            status=status,
-            ttft=clock.ttft,
-            tps=clock.tps,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=clock.completion_tokens,
-        )
+
+
+async def _answer(state: AppState, text: str, ledger: RequestLedger) -> NativeOutput:
+    started = time.perf_counter_ns()
+    generated = await _generate(state, text, ledger)
+    metadata = NativeMetadata(
+        last_model=json.dumps(
+            {"model_name": state.manifest.name, "model_sha": state.manifest.sha256}
+        ),
+        pipeline_version=state.manifest.version,
+        elapsed=[time.perf_counter_ns() - started],
+        dropped=[],
+        partition=socket.gethostname(),
+    )
+    # By wire name: "in" is a keyword, so it cannot be an argument.
+    return NativeOutput.model_validate(
+        {
+            "time": int(time.time() * 1000),
+            "in": NativeIn(text=text),
+            "out": NativeOut(generated_text=generated),
+            "anomaly": NativeAnomaly(count=0),
+            "metadata": metadata,
+        }
+    )
 
 
 def _texts(raw: bytes) -> list[str]:
@@ -130,9 +92,7 @@ def _texts(raw: bytes) -> list[str]:
     return [record.text for record in records.root]
 
 
-async def _generate(
-    state: AppState, text: str, clock: GenerationClock
-) -> tuple[str, int, dict[str, Any]]:
+async def _generate(state: AppState, text: str, ledger: RequestLedger) -> str:
     prepared = await prepare(
         "completions",
         CompletionRequest(prompt=text),
@@ -140,10 +100,12 @@ async def _generate(
         backend=state.backend,
         defaults=model_defaults(state.manifest, "infer"),
     )
+    ledger.params = prepared.params.for_log()
+    ledger.prompt_tokens += prepared.prompt_tokens
     pieces: list[str] = []
     with state.scheduler.admit(1):
-        run = state.scheduler.run(prepared.sequences[0], stops=prepared.stops, clock=clock)
+        run = state.scheduler.run(prepared.sequences[0], stops=prepared.stops, clock=ledger.clock)
         async with contextlib.aclosing(run) as steps:
             async for step in steps:
                 pieces.append(step.text)
-    return "".join(pieces), prepared.prompt_tokens, prepared.params.for_log()
+    return "".join(pieces)
