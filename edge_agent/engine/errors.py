@@ -1,8 +1,8 @@
 """What can go wrong in the engine, said in the engine's own words.
 
 These carry what happened (a queue bound, a deadline, a feature a backend lacks, by
-the engine's own name for it), never how a client hears of it: the HTTP status,
-``Retry-After`` and the OpenAI parameter a feature came from are ``server/``'s to say.
+the engine's own name for it), never how a client hears of it: statuses, headers and
+request field names are ``server/``'s to say (``server/engine_errors.py``).
 """
 
 from __future__ import annotations
