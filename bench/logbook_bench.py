@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 
 from edge_agent.config import UploadSettings
 from edge_agent.logbook import LogStore, Uploader, new_record_id
@@ -93,7 +92,7 @@ async def throughput(
 
 async def replay(directory: Path, backlog: int, size: int) -> None:
     """Fill a store with ``backlog`` pending records, then time the upload of all of them."""
-    store = LogStore(directory / "logbook.db", registry=CollectorRegistry())
+    store = LogStore(directory / "logbook.db")
     started = time.perf_counter()
     per_appender = -(-backlog // 64)
 
@@ -158,7 +157,7 @@ async def main() -> None:
     # normal leaves committed pages to the OS (safe from kill -9, not from power loss).
     for sync in ("full", "normal"):
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            store = LogStore(Path(tmp) / "logbook.db", registry=CollectorRegistry(), sync=sync)
+            store = LogStore(Path(tmp) / "logbook.db", sync=sync)
             try:
                 await report(store, sync, args)
             finally:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -19,7 +21,7 @@ from edge_agent.engine.types import Backend
 from edge_agent.logbook.cli import add_logbook_commands
 from edge_agent.manifest import ManifestError, ModelManifest, load_manifest
 from edge_agent.observability import configure_logging
-from edge_agent.openapi import add_api_spec_command
+from edge_agent.openapi import spec_yaml
 from edge_agent.server.app import create_app, wait_until_loaded
 from edge_agent.server.reload import apply_reload
 from edge_agent.server.state import STATE_KEY
@@ -84,6 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_api_spec_command(subparsers: Any) -> None:
+    """``edge-agent api-spec [-o FILE] [--config FILE] [--model M] [--server-url URL]``."""
+    parser = subparsers.add_parser(
+        "api-spec",
+        help="write this deployment's OpenAPI 3.1.1 document",
+        description=(
+            "Write the OpenAPI 3.1.1 YAML of the endpoints this configuration serves "
+            "(the OpenAI paths or the native /infer, by the model's OpenAI setting)."
+        ),
+    )
+    parser.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    parser.add_argument("--config", type=Path, help="TOML config file")
+    parser.add_argument("--model", help="model manifest: a .toml path or a name in models/")
+    parser.add_argument(
+        "--server-url", help="the URL clients reach the box by (default: http://<host>:<port>)"
+    )
+    parser.set_defaults(func=_api_spec)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -134,6 +155,30 @@ def _check(args: argparse.Namespace) -> int:
     results = run_checks(settings, check_port=not args.skip_port)
     print(format_results(results))
     return 0 if all(r.ok for r in results) else 1
+
+
+def _api_spec(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config, model=args.model)
+        manifest = load_manifest(settings.model)
+    except (ConfigError, ManifestError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    text = spec_yaml(
+        settings, manifest, server_url=args.server_url or _default_server_url(settings)
+    )
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _default_server_url(settings: Settings) -> str:
+    # 0.0.0.0 is where the daemon listens, not an address a client can use.
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    return f"http://{host}:{settings.port}"
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -19,8 +19,6 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-
-from edge_agent.engine.backends.vllm import VllmOptions
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -108,6 +106,31 @@ class EngineSettings(_Section):
         return Path(base) / "edge-agent" / "engine-probes.json"
 
 
+class VllmOptions(BaseModel):
+    """Engine settings for the vLLM backend: the ``[vllm]`` section of the config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Share of the GPU's memory vLLM may take for weights, activations and KV cache.
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    # Tokens per sequence; None takes settings.context_size, then the manifest's.
+    max_model_len: int | None = Field(default=None, ge=64)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    # Sequences decoded together; None takes settings.parallel.
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    dtype: str = "auto"
+    # Skip CUDA graph capture: a faster start and less memory, slower decoding.
+    enforce_eager: bool = False
+    # CONTRACT.md section 2: temperature-0 text must not depend on batching. vLLM's
+    # batch-invariant kernels give that; turning them off is the documented speed-up.
+    batch_invariant: bool = True
+    # The most top_logprobs a request may ask for (OpenAI allows 20).
+    max_logprobs: int = Field(default=20, ge=0)
+    trust_remote_code: bool = False
+    # Any other AsyncEngineArgs field, passed through as is (quantization, ...).
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+
 class Settings(BaseSettings):
     """Everything the daemon is started with."""
 
@@ -160,15 +183,23 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = _active_config_file
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        if cls._toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
         return tuple(sources)
 
+    # The TOML file beneath the environment and the flags: set on a class made per load.
+    _toml_file: ClassVar[Path | None] = None
 
-# The TOML file for the Settings being built; set only inside load_settings.
-_active_config_file: Path | None = None
+
+def _from_file(path: Path, given: dict[str, Any]) -> Settings:
+    """Settings with ``path`` as the lowest source, below the environment and ``given``."""
+
+    class FromFile(Settings):
+        _toml_file = path
+
+    # Validated once more as plain Settings, so the value compares equal to any other.
+    return Settings.model_validate(FromFile(**given).model_dump())
 
 
 class ConfigError(Exception):
@@ -184,7 +215,6 @@ def _one_line(error: ValidationError, source: str) -> str:
 
 def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
     """Build Settings from file, environment and explicit overrides (None means unset)."""
-    global _active_config_file
     path = config_path
     if path is None and DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH
@@ -199,14 +229,11 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
     given = {key: value for key, value in overrides.items() if value is not None}
     storage = os.environ.get("LOCAL_INFERENCE_STORAGE")
     try:
-        _active_config_file = path
-        settings = Settings(**given)
+        settings = Settings(**given) if path is None else _from_file(path, given)
         if storage and "EDGE_AGENT_LOGS__MAX_BYTES" not in os.environ:
             settings.logs.max_bytes = parse_size(storage)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc, str(path) if path else "settings")) from None
     except ValueError as exc:
         raise ConfigError(f"LOCAL_INFERENCE_STORAGE: {exc}") from None
-    finally:
-        _active_config_file = None
     return settings

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from edge_agent.protocol.openai import ErrorDetail, ErrorResponse
 
 OPENAI_OFF_MESSAGE = (
     "Inference failed. Please apply the appropriate OpenAI configurations to the models "
@@ -36,15 +38,11 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers or {}
 
-    def envelope(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+    def envelope(self) -> ErrorResponse:
+        detail = ErrorDetail(
+            message=self.message, type=self.error_type, param=self.param, code=self.code
+        )
+        return ErrorResponse(error=detail)
 
 
 class InvalidRequest(ApiError):
@@ -87,7 +85,7 @@ class MethodNotAllowed(ApiError):
     error_type = "invalid_request_error"
 
 
-class QueueFull(ApiError):
+class RateLimited(ApiError):
     status = 429
     error_type = "rate_limit_error"
 
@@ -129,7 +127,7 @@ class EngineRestarted(ApiError):
         )
 
 
-class ShuttingDown(ApiError):
+class Draining(ApiError):
     status = 503
     error_type = "server_error"
 
@@ -139,12 +137,12 @@ class ShuttingDown(ApiError):
         )
 
 
-class DeadlineExceeded(ApiError):
+class GenerationTimeout(ApiError):
     status = 504
     error_type = "server_error"
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"request exceeded its deadline of {seconds:g}s", code="timeout")
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="timeout")
 
 
 class InternalError(ApiError):

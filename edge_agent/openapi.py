@@ -4,42 +4,47 @@ What a box serves depends on its model (CONTRACT.md section 1 and the product do
 "Endpoints differ depending on whether pipelines include models with OpenAI API
 compatibility enabled"): the OpenAI paths when OpenAI compatibility is on, the native
 ``/infer`` paths when it is off, and the edge paths always. The schemas come from
-``edge_agent.protocol`` through ``model_json_schema``-style generation, so the document
-cannot drift from what the routes validate and send.
+``edge_agent.protocol``, the same classes the routes validate and serialise, so the
+document cannot drift from the wire. A pure function of the settings and the manifest:
+serving it is a route's job, writing it a command's.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import importlib.metadata
-import socket
-import sys
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from edge_agent.config import Settings
 from edge_agent.manifest import ModelManifest
-from edge_agent.protocol import (
+from edge_agent.protocol.edge import (
+    OPEN_PATHS,
+    OPENAI_PREFIX,
+    SPEC_PATH,
+    DeployedModelList,
+    Health,
+    PipelineList,
+    Readiness,
+)
+from edge_agent.protocol.logs import LogPage
+from edge_agent.protocol.native import NativeOutputs, NativeRecords
+from edge_agent.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     ModelList,
 )
-from edge_agent.server.middleware import OPEN_PATHS
 
 OPENAPI_VERSION = "3.1.1"
-OPENAI_PREFIX = "/infer/openai/v1"
-SPEC_PATH = "/openapi.yaml"
 YAML_CONTENT_TYPE = "application/yaml"
 _REF = "#/components/schemas/{model}"
 
@@ -51,121 +56,19 @@ def _package_version() -> str:
         return "0.0.0"
 
 
-# --- shapes the protocol module does not hold (the envelope, native and edge bodies) -----
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str = Field(description="invalid_request_error, authentication_error, ...")
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """The OpenAI error envelope every 4xx and 5xx answer carries (CONTRACT.md section 4)."""
-
-    error: ErrorDetail
-
-
-class NativeInput(BaseModel):
-    """One pandas-records row sent to ``/infer``; other columns are ignored."""
-
-    model_config = ConfigDict(extra="allow")
-    text: str
-
-
-class NativeIn(BaseModel):
-    text: str
-
-
-class NativeOut(BaseModel):
-    generated_text: str
-
-
-class NativeAnomaly(BaseModel):
-    count: int
-
-
-class NativeMetadata(BaseModel):
-    last_model: str = Field(description="JSON string with model_name and model_sha")
-    pipeline_version: str
-    elapsed: list[int] = Field(description="nanoseconds spent on the record")
-    dropped: list[Any]
-    partition: str = Field(description="the box's host name")
-
-
-class NativeOutput(BaseModel):
-    """One pandas-records row answered by ``/infer`` (CONTRACT.md section 5)."""
-
-    model_config = ConfigDict(populate_by_name=True)
-    time: int = Field(description="epoch milliseconds")
-    in_: NativeIn = Field(alias="in")
-    out: NativeOut
-    anomaly: NativeAnomaly
-    metadata: NativeMetadata
-
-
-class PipelineStatus(BaseModel):
-    id: str
-    status: Literal["Running", "Error"]
-
-
-class PipelineList(BaseModel):
-    pipelines: list[PipelineStatus]
-
-
-class ModelStatus(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str
-    sha: str = Field(description="sha256 of the weights")
-    status: Literal["Running", "Error", "Loading"]
-    version: str
-
-
-class ModelStatusList(BaseModel):
-    models: list[ModelStatus]
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-class Readiness(BaseModel):
-    status: str = Field(description="ready, loading, error or running (while draining)")
-    model: str | None = None
-    reason: str | None = None
-
-
-class LogRecord(BaseModel):
-    """One inference log record (CONTRACT.md section 6); ``in`` is the body as received."""
-
-    model_config = ConfigDict(extra="allow")
-    id: str
-    time: int
-    pipeline: str
-    endpoint: Literal["completions", "chat/completions", "infer"]
-    status: Literal["ok", "error", "cancelled"]
-
-
-class LogPage(BaseModel):
-    object: Literal["list"]
-    data: list[LogRecord]
-    has_more: bool
-
-
 # Every model that appears in the document, with the direction it travels in.
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (CompletionRequest, "validation"),
     (ChatCompletionRequest, "validation"),
-    (NativeInput, "validation"),
+    (NativeRecords, "validation"),
     (CompletionResponse, "serialization"),
     (ChatCompletionResponse, "serialization"),
     (CompletionChunk, "serialization"),
     (ChatCompletionChunk, "serialization"),
     (ModelList, "serialization"),
-    (NativeOutput, "serialization"),
+    (NativeOutputs, "serialization"),
     (PipelineList, "serialization"),
-    (ModelStatusList, "serialization"),
+    (DeployedModelList, "serialization"),
     (Health, "serialization"),
     (Readiness, "serialization"),
     (LogPage, "serialization"),
@@ -368,7 +271,7 @@ def _openai_paths(model_name: str) -> dict[str, Any]:
 
 
 def _native_operation(operation_id: str, summary: str, *, extra: dict[str, Any]) -> dict[str, Any]:
-    records = {"type": "array", "minItems": 1, "items": _ref(NativeInput)}
+    records = _ref(NativeRecords)
     example = [{"text": "tell me a short story"}]
     return {
         "operationId": operation_id,
@@ -391,7 +294,7 @@ def _native_operation(operation_id: str, summary: str, *, extra: dict[str, Any])
         "responses": {
             "200": {
                 "description": "One record per input record",
-                "content": _json({"type": "array", "items": _ref(NativeOutput)}),
+                "content": _json(_ref(NativeOutputs)),
             },
             **_errors("400", "405", "413", "429", "500", "503", "504"),
         },
@@ -438,7 +341,7 @@ def _edge_paths() -> dict[str, Any]:
         "/models": _get(
             "listDeployedModels",
             "The deployed model: name, weights digest, status, version",
-            {"200": {"description": "Models", "content": _json(_ref(ModelStatusList))}},
+            {"200": {"description": "Models", "content": _json(_ref(DeployedModelList))}},
         ),
         "/healthz": _get(
             "health",
@@ -566,70 +469,3 @@ class _PlainDumper(yaml.SafeDumper):
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
-
-
-# --- serving and the CLI ----------------------------------------------------------------------
-
-
-async def openapi_yaml(request: web.Request) -> web.Response:
-    """GET /openapi.yaml: the document, with the server URL the client reached us by."""
-    from edge_agent.server.state import state_of
-
-    state = state_of(request)
-    server_url = f"{request.scheme}://{request.host}"
-    text = spec_yaml(state.settings, state.manifest, server_url=server_url)
-    return web.Response(text=text, content_type=YAML_CONTENT_TYPE)
-
-
-def add_openapi_route(app: web.Application) -> None:
-    """Register ``GET /openapi.yaml``; a second call is a no-op."""
-    for resource in app.router.resources():
-        if resource.canonical == SPEC_PATH:
-            return
-    app.router.add_get(SPEC_PATH, openapi_yaml)
-
-
-def _default_server_url(settings: Settings) -> str:
-    # 0.0.0.0 is where the daemon listens, not an address a client can use.
-    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
-    return f"http://{host}:{settings.port}"
-
-
-def _api_spec(args: argparse.Namespace) -> int:
-    from edge_agent.config import ConfigError, load_settings
-    from edge_agent.manifest import ManifestError, load_manifest
-
-    try:
-        settings = load_settings(args.config, model=args.model)
-        manifest = load_manifest(settings.model)
-    except (ConfigError, ManifestError) as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
-        return 2
-    text = spec_yaml(
-        settings, manifest, server_url=args.server_url or _default_server_url(settings)
-    )
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        args.output.write_text(text, encoding="utf-8")
-        print(f"wrote {args.output}", file=sys.stderr)
-    return 0
-
-
-def add_api_spec_command(subparsers: Any) -> None:
-    """``edge-agent api-spec [-o FILE] [--config FILE] [--model M] [--server-url URL]``."""
-    parser = subparsers.add_parser(
-        "api-spec",
-        help="write this deployment's OpenAPI 3.1.1 document",
-        description=(
-            "Write the OpenAPI 3.1.1 YAML of the endpoints this configuration serves "
-            "(the OpenAI paths or the native /infer, by the model's OpenAI setting)."
-        ),
-    )
-    parser.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
-    parser.add_argument("--config", type=Path, help="TOML config file")
-    parser.add_argument("--model", help="model manifest: a .toml path or a name in models/")
-    parser.add_argument(
-        "--server-url", help="the URL clients reach the box by (default: http://<host>:<port>)"
-    )
-    parser.set_defaults(func=_api_spec)

@@ -22,7 +22,6 @@ from openapi_spec_validator import validate
 from edge_agent.client import AsyncEdgePipeline, EdgePipeline
 from edge_agent.engine.backends.llamacpp import LlamaCppBackend
 from edge_agent.manifest import ModelManifest
-from edge_agent.openapi import add_openapi_route
 from edge_agent.server.app import create_app, wait_until_loaded
 from tests.conftest import Daemon, make_settings
 
@@ -189,7 +188,6 @@ async def spec_app(
     settings = make_settings(tmp_path)
     backend = LlamaCppBackend(manifest.gguf_path(), context_length=manifest.context_length)
     app = create_app(settings, manifest, backend)
-    add_openapi_route(app)
     client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
     await wait_until_loaded(app)
     return client

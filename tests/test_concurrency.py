@@ -9,6 +9,7 @@ from typing import Any
 
 from edge_agent.server.state import STATE_KEY
 from tests.conftest import RecordingSink
+from tests.logbook.logbook_helpers import wait_for
 
 CHAT = "/infer/openai/v1/chat/completions"
 COMPLETIONS = "/infer/openai/v1/completions"
@@ -95,11 +96,14 @@ async def test_a_follow_up_turn_reusing_the_cached_answer_keeps_the_text(
 
 async def test_a_long_prompt_arriving_mid_stream_does_not_disturb_it(make_client: Any) -> None:
     client = await make_client(parallel=4)
+    backend = client.app[STATE_KEY].backend
     question = QUESTIONS[0]
     alone = await chat_text(client, question, 64)
+    before = backend.decode_steps
 
     async def long_prompt_later() -> None:
-        await asyncio.sleep(0.1)
+        # Mid-stream: once the first request is decoding, however slow the machine is.
+        await wait_for(lambda: backend.decode_steps > before + 2)
         await chat_text(client, "Summarize: " + "the plant runs three shifts. " * 120, 8)
 
     together, _ = await asyncio.gather(chat_text(client, question, 64), long_prompt_later())
@@ -141,8 +145,10 @@ async def test_a_cancelled_stream_frees_its_slot_and_spares_the_others(make_clie
 async def test_healthz_answers_quickly_during_a_long_generation(make_client: Any) -> None:
     client = await make_client(parallel=1)
     body = {"prompt": "Tell me a story.", "max_tokens": 300, "logit_bias": NO_END}
+    backend = client.app[STATE_KEY].backend
+    before = backend.decode_steps
     generation = asyncio.create_task(client.post(COMPLETIONS, json=body))
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: backend.decode_steps > before)  # the generation is under way
     latencies = []
     for _ in range(10):
         started = time.perf_counter()

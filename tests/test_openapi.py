@@ -14,16 +14,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
+from edge_agent.cli import add_api_spec_command
 from edge_agent.config import Settings
 from edge_agent.engine.backends.llamacpp import LlamaCppBackend
 from edge_agent.manifest import ModelManifest
-from edge_agent.openapi import (
-    OPENAI_PREFIX,
-    add_api_spec_command,
-    add_openapi_route,
-    build_spec,
-    spec_yaml,
-)
+from edge_agent.openapi import build_spec, spec_yaml
+from edge_agent.protocol.edge import OPENAI_PREFIX
 from edge_agent.server.app import create_app, wait_until_loaded
 from tests.conftest import Daemon, make_settings
 
@@ -101,7 +97,7 @@ def test_the_bearer_scheme_appears_only_with_a_token(manifest: ModelManifest) ->
 
 
 def test_schemas_are_the_protocol_models(manifest: ModelManifest) -> None:
-    from edge_agent.protocol import CompletionRequest
+    from edge_agent.protocol.openai import CompletionRequest
 
     schemas = spec_for(manifest)["components"]["schemas"]
     generated = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -192,8 +188,6 @@ async def spec_client(
             manifest.gguf_path(), context_length=settings.context_size or manifest.context_length
         )
         app = create_app(settings, manifest, backend)
-        add_openapi_route(app)
-        add_openapi_route(app)  # idempotent: safe whether or not create_app already did
         client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
         await wait_until_loaded(app)
         return client

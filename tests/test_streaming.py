@@ -12,9 +12,11 @@ import json
 from typing import Any
 
 import openai
+import pytest
 
 from edge_agent.server.state import STATE_KEY
 from tests.conftest import RecordingSink
+from tests.raw_http import HTTP_VERSIONS, RawResponse, post_json
 
 COMPLETIONS = "/infer/openai/v1/completions"
 CHAT = "/infer/openai/v1/chat/completions"
@@ -28,13 +30,40 @@ async def read_events(response: Any) -> list[str]:
     return [event[len("data: ") :] for event in events]
 
 
+def events_of(response: RawResponse) -> list[str]:
+    """The SSE events of a raw response, checking the framing its HTTP version calls for."""
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    if response.version == "1.1":
+        assert response.headers.get("transfer-encoding") == "chunked"
+    else:
+        # HTTP/1.0 has no chunked encoding: the server ends the body by closing.
+        assert "transfer-encoding" not in response.headers
+        assert "content-length" not in response.headers
+        assert response.closed_by_server
+    raw = response.body.decode()
+    assert raw.endswith("\n\n"), "every event ends with a blank line"
+    events = raw.split("\n\n")[:-1]
+    assert all(event.startswith("data: ") for event in events), events
+    return [event[len("data: ") :] for event in events]
+
+
+async def stream_raw(client: Any, path: str, body: dict[str, Any], version: str) -> list[str]:
+    response = await post_json(
+        client.server.host, client.server.port, path, body, http_version=version
+    )
+    assert response.version == version, "the server answers in the client's version"
+    return events_of(response)
+
+
 def chunks_of(events: list[str]) -> list[dict[str, Any]]:
     assert events[-1] == "[DONE]"
     assert "[DONE]" not in events[:-1]
     return [json.loads(event) for event in events[:-1]]
 
 
-async def test_chat_stream_framing(any_client: Any) -> None:
+@pytest.mark.parametrize("version", HTTP_VERSIONS)
+async def test_chat_stream_framing(any_client: Any, version: str) -> None:
     # Temperature 0: the same tokens every run, so "exactly 6" cannot meet an early end.
     body = {
         "messages": [{"role": "user", "content": "Hi!"}],
@@ -42,11 +71,7 @@ async def test_chat_stream_framing(any_client: Any) -> None:
         "temperature": 0,
         "stream": True,
     }
-    response = await any_client.post(CHAT, json=body)
-    assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/event-stream")
-    assert response.headers.get("Transfer-Encoding") == "chunked"
-    chunks = chunks_of(await read_events(response))
+    chunks = chunks_of(await stream_raw(any_client, CHAT, body, version))
     assert {c["id"] for c in chunks} == {chunks[0]["id"]}
     assert {c["created"] for c in chunks} == {chunks[0]["created"]}
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -61,7 +86,8 @@ async def test_chat_stream_framing(any_client: Any) -> None:
     assert usage["ttft"] > 0 and usage["tps"] > 0
 
 
-async def test_completion_stream_with_include_usage(any_client: Any) -> None:
+@pytest.mark.parametrize("version", HTTP_VERSIONS)
+async def test_completion_stream_with_include_usage(any_client: Any, version: str) -> None:
     body = {
         "prompt": "tell me a short story",
         "max_tokens": 5,
@@ -69,7 +95,7 @@ async def test_completion_stream_with_include_usage(any_client: Any) -> None:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    chunks = chunks_of(await read_events(await any_client.post(COMPLETIONS, json=body)))
+    chunks = chunks_of(await stream_raw(any_client, COMPLETIONS, body, version))
     assert all(c["object"] == "text_completion" for c in chunks)
     last = chunks[-1]
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
@@ -107,7 +133,10 @@ async def test_n_choices_stream_with_their_indexes(any_client: Any) -> None:
     assert sum(1 for c in chunks if c["usage"]) == 1
 
 
-async def test_a_failure_mid_stream_is_an_error_event_then_done(make_client: Any) -> None:
+@pytest.mark.parametrize("version", HTTP_VERSIONS)
+async def test_a_failure_mid_stream_is_an_error_event_then_done(
+    make_client: Any, version: str
+) -> None:
     """The deadline, as the failure: a clean error in the stream, and the slot is free again."""
     sink = RecordingSink()
     client = await make_client(request_timeout_s=0.3, parallel=1, records=sink)
@@ -119,9 +148,7 @@ async def test_a_failure_mid_stream_is_an_error_event_then_done(make_client: Any
         "stream": True,
         "logit_bias": {"0": -100, "1": -100, "2": -100},
     }
-    response = await client.post(COMPLETIONS, json=body)
-    assert response.status == 200
-    events = await read_events(response)
+    events = await stream_raw(client, COMPLETIONS, body, version)
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])
     assert error["error"]["code"] == "timeout"

@@ -12,9 +12,9 @@ import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from edge_agent.engine.errors import DeadlineExceeded, QueueFull, ShuttingDown
 from edge_agent.engine.stopping import StopMatcher
 from edge_agent.engine.types import Backend, FinishReason, GenerationRequest, TokenEvent
-from edge_agent.errors import DeadlineExceeded, QueueFull, ShuttingDown
 
 
 @dataclass
@@ -69,6 +69,9 @@ class Scheduler:
         self._capacity = backend.info.parallel + max_queue
         self._timeout = request_timeout_s
         self.in_flight = 0  # sequences admitted: decoding or waiting for a slot
+        # Mean seconds a sequence holds a slot (moving average): what a refused client
+        # should wait. A guess of a few seconds until the first sequence has finished.
+        self.mean_sequence_s = 2.0
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -82,17 +85,19 @@ class Scheduler:
     def queued(self) -> int:
         return max(0, self.in_flight - self.backend.info.parallel)
 
+    def estimated_wait_s(self) -> float:
+        """About how long until a slot frees for one more sequence."""
+        parallel = self.backend.info.parallel
+        rounds = (self.queued + parallel) / parallel  # the queue ahead, shared by the slots
+        return self.mean_sequence_s * rounds
+
     @contextlib.contextmanager
     def admit(self, sequences: int) -> Iterator[None]:
-        """Reserve room for a request's sequences, or refuse it with 429 / 503."""
+        """Reserve room for a request's sequences, or refuse it (ShuttingDown, QueueFull)."""
         if self.draining:
             raise ShuttingDown()
         if self.in_flight + sequences > self._capacity:
-            # A slot frees after about one generation; a few seconds is an honest guess.
-            raise QueueFull(
-                f"too many requests in flight ({self.in_flight}); retry shortly",
-                retry_after_s=2,
-            )
+            raise QueueFull(in_flight=self.in_flight, estimated_wait_s=self.estimated_wait_s())
         self.in_flight += sequences
         self._idle.clear()
         try:
@@ -126,6 +131,7 @@ class Scheduler:
         matcher = StopMatcher(stops)
         deadline = clock.accepted_at + self._timeout
         events = self.backend.generate(request)
+        started = time.perf_counter()
         try:
             while True:
                 remaining = deadline - time.perf_counter()
@@ -148,3 +154,4 @@ class Scheduler:
                 yield Step(text, event)
         finally:
             await events.aclose()
+            self.mean_sequence_s += 0.2 * (time.perf_counter() - started - self.mean_sequence_s)

@@ -11,6 +11,12 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+# What a backend raises is part of its protocol; the classes live with the engine's others.
+from edge_agent.engine.errors import BackendError as BackendError
+from edge_agent.engine.errors import EngineRestarted as EngineRestarted
+from edge_agent.engine.errors import EngineUnavailable as EngineUnavailable
+from edge_agent.engine.errors import UnsupportedFeature as UnsupportedFeature
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -95,26 +101,6 @@ class BackendInfo:
     engine_pid: int | None = None  # the engine process, where it runs in one of its own
 
 
-class BackendError(RuntimeError):
-    """A backend failed while loading or generating."""
-
-
-class EngineRestarted(BackendError):
-    """The engine process died under a request; the daemon is starting a new one."""
-
-
-class EngineUnavailable(BackendError):
-    """The engine cannot take a request now (restarting); ``reason`` says why."""
-
-
-class UnsupportedParameter(ValueError):
-    """The backend cannot honour a request parameter; ``param`` names it."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 @runtime_checkable
 class Backend(Protocol):
     """What the scheduler needs of an inference backend."""
@@ -142,7 +128,7 @@ class Backend(Protocol):
         """Apply the model's own chat template, ending with the assistant's turn opened."""
 
     def check_supported(self, params: SamplingParams) -> None:
-        """Raise UnsupportedParameter for anything this backend cannot honour."""
+        """Raise UnsupportedFeature for anything this backend cannot honour."""
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Stream the sequence's tokens; the last event carries ``finish_reason``.

@@ -5,6 +5,7 @@ returns), runs one :class:`Uploader` in the background, and answers ``GET /logs`
 :meth:`LogStore.read`. Nothing here knows about HTTP routes, models or backends.
 """
 
+from edge_agent.logbook.metrics import LogbookCollector
 from edge_agent.logbook.store import (
     DB_FILENAME,
     MAX_READ_LIMIT,
@@ -18,6 +19,7 @@ __all__ = [
     "DB_FILENAME",
     "MAX_READ_LIMIT",
     "LogStore",
+    "LogbookCollector",
     "LogbookStats",
     "UploadStats",
     "Uploader",

@@ -1,48 +1,31 @@
-"""``edge_agent_logbook_*`` Prometheus series, read live from stores and uploaders.
+"""``edge_agent_logbook_*`` Prometheus series, read live from a store and its uploader.
 
 A collector that reads state at scrape time (instead of module-level Counter objects)
-means the persisted dropped count survives restarts, and a process that opens several
-stores (tests, a restart in place) never registers a metric name twice: every store
-on the default registry shares one collector, registered once.
+means the persisted dropped count survives restarts. Neither the store nor the
+uploader knows of it: whoever owns them (the app) makes one and registers it where
+its metrics are served, so two daemons in one process (tests) never share a name.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from edge_agent.logbook.store import LogStore
-    from edge_agent.logbook.uploader import Uploader
+from edge_agent.logbook.store import LogStore
+from edge_agent.logbook.uploader import Uploader
 
 PREFIX = "edge_agent_logbook_"
 
 
 class LogbookCollector(Collector):
-    """Sums the live state of the stores and uploaders attached to it."""
+    """Reads one store's state, and its uploader's once there is one, at each scrape."""
 
-    def __init__(self) -> None:
-        self._stores: weakref.WeakSet[LogStore] = weakref.WeakSet()
-        self._uploaders: weakref.WeakSet[Uploader] = weakref.WeakSet()
-
-    def add_store(self, store: LogStore) -> None:
-        self._stores.add(store)
-
-    def remove_store(self, store: LogStore) -> None:
-        self._stores.discard(store)
-
-    def add_uploader(self, uploader: Uploader) -> None:
-        self._uploaders.add(uploader)
-
-    def remove_uploader(self, uploader: Uploader) -> None:
-        self._uploaders.discard(uploader)
+    def __init__(self, store: LogStore, uploader: Uploader | None = None) -> None:
+        self.store = store
+        self.uploader = uploader
 
     def describe(self) -> Iterator[Metric]:
         # Names only, so the registry can reject a clash without reading any state.
@@ -52,7 +35,7 @@ class LogbookCollector(Collector):
         f = _families()
         now_ms = time.time() * 1000
         oldest: float | None = None
-        for store in list(self._stores):
+        for store in [self.store]:
             s = store.stats()
             f["records"].add_metric([], s.records)
             f["bytes"].add_metric([], s.disk_bytes)
@@ -71,7 +54,7 @@ class LogbookCollector(Collector):
         f["backlog_age_seconds"].add_metric(
             [], 0.0 if oldest is None else max(0.0, (now_ms - oldest) / 1000)
         )
-        for uploader in list(self._uploaders):
+        for uploader in [self.uploader] if self.uploader is not None else []:
             u = uploader.stats()
             f["upload_successes"].add_metric([], u.successes)
             f["upload_failures"].add_metric([], u.failures)
@@ -146,17 +129,3 @@ def _merged(families: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> Ite
         for value in by_name.values():
             merged.add_metric([], value)
         yield merged
-
-
-_default_lock = threading.Lock()
-_default: LogbookCollector | None = None
-
-
-def default_collector() -> LogbookCollector:
-    """The one collector on prometheus_client's default REGISTRY, registered on first use."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = LogbookCollector()
-            REGISTRY.register(_default)
-        return _default

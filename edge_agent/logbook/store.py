@@ -38,10 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 import structlog
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
     from edge_agent.config import LogSettings
-    from edge_agent.logbook.metrics import LogbookCollector
 
 log = structlog.get_logger("edge_agent.logbook")
 
@@ -194,15 +191,10 @@ class LogStore:
         path: str | os.PathLike[str],
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        registry: CollectorRegistry | None = None,
         max_group: int = 1024,
         sync: Literal["full", "normal"] = "full",
     ) -> None:
-        """Open (or create) the store; a damaged file is moved aside and a fresh one started.
-
-        ``registry``: where the ``edge_agent_logbook_*`` series go; None means the default
-        prometheus registry (shared safely by every store in the process).
-        """
+        """Open (or create) the store; a damaged file is moved aside and a fresh one started."""
         self.path = Path(path)
         self.max_bytes = max_bytes
         self._sync = sync
@@ -234,29 +226,16 @@ class LogStore:
                 f"cannot open the inference log at {self.path}: {self._open_error}"
             ) from self._open_error
 
-        from edge_agent.logbook.metrics import LogbookCollector, default_collector
-
-        self.metrics_collector: LogbookCollector
-        if registry is None:
-            self.metrics_collector = default_collector()
-        else:
-            self.metrics_collector = LogbookCollector()
-            registry.register(self.metrics_collector)
-        self.metrics_collector.add_store(self)
-
     @classmethod
     def from_settings(
         cls,
         state_dir: str | os.PathLike[str],
         settings: LogSettings,
-        *,
-        registry: CollectorRegistry | None = None,
     ) -> LogStore:
         """The daemon's store: ``<state_dir>/logbook.db`` capped at ``settings.max_bytes``."""
         return cls(
             Path(state_dir) / DB_FILENAME,
             max_bytes=settings.max_bytes,
-            registry=registry,
             sync=settings.sync,
         )
 
@@ -340,7 +319,6 @@ class LogStore:
             self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
-        self.metrics_collector.remove_store(self)
 
     async def aclose(self) -> None:
         """:meth:`close` without blocking the event loop while the queue drains."""

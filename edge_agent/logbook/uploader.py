@@ -118,7 +118,6 @@ class Uploader:
         self._stopping.clear()
         self._session = aiohttp.ClientSession(timeout=self._timeout)
         self._store.add_append_listener(self._wake.set)
-        self._store.metrics_collector.add_uploader(self)
         self._task = asyncio.create_task(self._run(), name="logbook-uploader")
 
     async def stop(self) -> None:
@@ -135,7 +134,6 @@ class Uploader:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._store.remove_append_listener(self._wake.set)
-        self._store.metrics_collector.remove_uploader(self)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -7,22 +7,24 @@ import socket
 
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from edge_agent.config import Settings
 from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
-from edge_agent.logbook import LogStore, Uploader
+from edge_agent.logbook import LogbookCollector, LogStore, Uploader
 from edge_agent.manifest import ModelManifest
-from edge_agent.openapi import add_openapi_route
+from edge_agent.protocol.edge import SPEC_PATH
 from edge_agent.server import edge_routes, logs_routes, native_routes, openai_routes
 from edge_agent.server.middleware import bearer_token, errors_as_envelopes
-from edge_agent.server.openai_requests import validate_defaults
+from edge_agent.server.params import model_defaults
 from edge_agent.server.state import STATE_KEY, AppState, DiscardingSink, RecordSink
 
 log = structlog.get_logger(__name__)
 
 _LOADER_KEY = web.AppKey("edge_agent_loader", asyncio.Task[None])
 _UPLOADER_KEY = web.AppKey("edge_agent_uploader", Uploader)
+_LOGBOOK_METRICS_KEY = web.AppKey("edge_agent_logbook_metrics", LogbookCollector)
 
 
 def create_app(
@@ -43,8 +45,9 @@ def create_app(
                 "openai": manifest.openai.model_copy(update={"enabled": settings.openai_enabled})
             }
         )
-    validate_defaults(manifest.openai.completion_config, "openai.completion_config")
-    validate_defaults(manifest.openai.chat_config, "openai.chat_config")
+    # A default that a request could not carry either fails the start, not a request.
+    model_defaults(manifest, "completions")
+    model_defaults(manifest, "chat/completions")
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         middlewares=[errors_as_envelopes, bearer_token],
@@ -76,7 +79,14 @@ def create_app(
     app.router.add_get("/readyz", edge_routes.readyz)
     app.router.add_get("/metrics", edge_routes.metrics)
     app.router.add_get("/logs", logs_routes.recent_logs)
-    add_openapi_route(app)
+    app.router.add_get(SPEC_PATH, edge_routes.openapi_yaml)
+    if log_store is not None:
+        # The store and the uploader know nothing of metrics: they are read from here.
+        collector = LogbookCollector(log_store)
+        registry = CollectorRegistry()
+        registry.register(collector)
+        app[_LOGBOOK_METRICS_KEY] = collector
+        app[edge_routes.APP_METRICS] = registry
     app.on_startup.append(_start_loading)
     app.on_startup.append(_start_uploader)
     app.on_cleanup.append(_unload)
@@ -105,6 +115,7 @@ async def _start_uploader(app: web.Application) -> None:
     uploader = Uploader(state.log_store, state.settings.upload, socket.gethostname())
     await uploader.start()
     app[_UPLOADER_KEY] = uploader
+    app[_LOGBOOK_METRICS_KEY].uploader = uploader
 
 
 async def wait_until_loaded(app: web.Application) -> None:

@@ -1,69 +1,95 @@
-"""The edge endpoints: pipelines, models, health, readiness, metrics."""
+"""The edge endpoints: pipelines, models, health, readiness, metrics, the OpenAPI document."""
 
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from edge_agent.observability import IN_FLIGHT, QUEUED
+from edge_agent.openapi import YAML_CONTENT_TYPE, spec_yaml
+from edge_agent.protocol.edge import (
+    DeployedModel,
+    DeployedModelList,
+    EngineStatus,
+    Health,
+    PipelineList,
+    PipelineStatus,
+    Readiness,
+)
 from edge_agent.server.state import state_of
+from edge_agent.server.wire import json_response
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response(Health())
 
 
 async def readyz(request: web.Request) -> web.Response:
     state = state_of(request)
     if state.ready:
-        return web.json_response({"status": "ready", "model": state.manifest.name})
+        return json_response(
+            Readiness(status="ready", model=state.manifest.name), exclude_none=True
+        )
     status = state.status.lower()
     if state.status == "Running" and state.backend.unavailable is not None:
         status = "restarting"
-    return web.json_response(
-        {"status": status, "reason": state.not_ready_reason},
+    return json_response(
+        Readiness(status=status, reason=state.not_ready_reason),
         status=503,
         headers={"Retry-After": "5"},
+        exclude_none=True,
     )
 
 
 async def pipelines(request: web.Request) -> web.Response:
     state = state_of(request)
-    status = "Error" if state.status == "Error" else "Running"
-    return web.json_response({"pipelines": [{"id": state.settings.pipeline, "status": status}]})
+    pipeline = PipelineStatus(
+        id=state.settings.pipeline, status="Error" if state.status == "Error" else "Running"
+    )
+    return json_response(PipelineList(pipelines=[pipeline]))
 
 
 async def models(request: web.Request) -> web.Response:
     state = state_of(request)
     manifest = state.manifest
     info = state.backend.info
-    return web.json_response(
-        {
-            "models": [
-                {
-                    "name": manifest.name,
-                    "sha": manifest.sha256,
-                    "status": state.status,
-                    "version": manifest.version,
-                    "backend": info.name,
-                    "engine": {
-                        "configuration": info.configuration,
-                        "reason": info.configuration_reason,
-                        "restarts": info.restarts,
-                        "pid": info.engine_pid,
-                        "available": state.backend.unavailable is None,
-                        "unavailable_reason": state.backend.unavailable,
-                    },
-                }
-            ]
-        }
+    model = DeployedModel(
+        name=manifest.name,
+        sha=manifest.sha256,
+        status=state.status,
+        version=manifest.version,
+        backend=info.name,
+        engine=EngineStatus(
+            configuration=info.configuration,
+            reason=info.configuration_reason,
+            restarts=info.restarts,
+            pid=info.engine_pid,
+            available=state.backend.unavailable is None,
+            unavailable_reason=state.backend.unavailable,
+        ),
     )
+    return json_response(DeployedModelList(models=[model]))
+
+
+# This daemon's own series (the inference log's), beside the process-wide ones.
+APP_METRICS = web.AppKey("edge_agent_app_metrics", CollectorRegistry)
 
 
 async def metrics(request: web.Request) -> web.Response:
     scheduler = state_of(request).scheduler
     IN_FLIGHT.set(scheduler.in_flight)
     QUEUED.set(scheduler.queued)
-    response = web.Response(body=generate_latest())
+    body = generate_latest(REGISTRY)
+    if APP_METRICS in request.app:
+        body += generate_latest(request.app[APP_METRICS])
+    response = web.Response(body=body)
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
+
+
+async def openapi_yaml(request: web.Request) -> web.Response:
+    """GET /openapi.yaml: the document, with the server URL the client reached us by."""
+    state = state_of(request)
+    server_url = f"{request.scheme}://{request.host}"
+    text = spec_yaml(state.settings, state.manifest, server_url=server_url)
+    return web.Response(text=text, content_type=YAML_CONTENT_TYPE)

@@ -6,7 +6,9 @@ from aiohttp import web
 
 from edge_agent.errors import InvalidRequest, NotFound
 from edge_agent.logbook import MAX_READ_LIMIT
+from edge_agent.protocol.logs import LogPage, LogRecord
 from edge_agent.server.state import state_of
+from edge_agent.server.wire import json_response
 
 
 async def recent_logs(request: web.Request) -> web.Response:
@@ -19,4 +21,5 @@ async def recent_logs(request: web.Request) -> web.Response:
             f"limit: must be a whole number from 1 to {MAX_READ_LIMIT}", param="limit"
         )
     records, has_more = await store.read(limit=int(raw_limit), since=request.query.get("since"))
-    return web.json_response({"object": "list", "data": records, "has_more": has_more})
+    page = LogPage(data=[LogRecord.model_validate(r) for r in records], has_more=has_more)
+    return json_response(page)

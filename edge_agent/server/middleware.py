@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from edge_agent.engine.errors import EngineError
 from edge_agent.errors import (
     ApiError,
     AuthenticationFailed,
@@ -17,18 +18,18 @@ from edge_agent.errors import (
     MethodNotAllowed,
     NotFound,
 )
+from edge_agent.protocol.edge import OPEN_PATHS
+from edge_agent.server.engine_errors import as_api_error
 from edge_agent.server.state import state_of
+from edge_agent.server.wire import json_response
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Inference paths need the bearer token when one is configured; health and metrics stay open.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.yaml"})
-
 
 def error_response(error: ApiError) -> web.Response:
-    return web.json_response(error.envelope(), status=error.status, headers=error.headers)
+    return json_response(error.envelope(), status=error.status, headers=error.headers)
 
 
 @web.middleware
@@ -37,6 +38,8 @@ async def errors_as_envelopes(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)
     except ApiError as error:
         return error_response(error)
+    except EngineError as error:  # a route that left it unmapped: still the right status
+        return error_response(as_api_error(error))
     except web.HTTPRequestEntityTooLarge:
         limit = state_of(request).settings.max_request_bytes
         return error_response(BodyTooLarge(f"request body is larger than {limit} bytes"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
@@ -10,16 +9,24 @@ import time
 import uuid
 
 from aiohttp import web
+from pydantic import ValidationError
 
-from edge_agent.engine.scheduler import GenerationClock
-from edge_agent.engine.types import BackendError
-from edge_agent.errors import ApiError, InvalidRequest, NotFound, OpenAIEnabled
-from edge_agent.observability import observe_request
-from edge_agent.protocol import CompletionRequest
-from edge_agent.server.engine_errors import api_error_for
+from edge_agent.errors import InvalidRequest, NotFound, OpenAIEnabled
+from edge_agent.protocol.native import (
+    NativeAnomaly,
+    NativeIn,
+    NativeMetadata,
+    NativeOut,
+    NativeOutput,
+    NativeOutputs,
+    NativeRecords,
+)
+from edge_agent.protocol.openai import CompletionRequest
 from edge_agent.server.openai_requests import prepare
-from edge_agent.server.records import build_record, request_body_for_log
+from edge_agent.server.params import model_defaults
+from edge_agent.server.records import RequestLedger
 from edge_agent.server.state import AppState, state_of
+from edge_agent.server.wire import json_response
 
 
 async def pipeline_infer(request: web.Request) -> web.Response:
@@ -31,101 +38,74 @@ async def pipeline_infer(request: web.Request) -> web.Response:
 
 async def infer(request: web.Request) -> web.Response:
     state = state_of(request)
-    clock = GenerationClock()
-    accepted_ms = int(time.time() * 1000)
-    raw = await request.read()
-    status, error, body_out, prompt_tokens = "ok", None, None, 0
-    try:
+    ledger = RequestLedger(state, "infer", await request.read())
+    async with ledger.guard():
         if state.manifest.openai.enabled:
             raise OpenAIEnabled()
-        texts = _texts(raw)
+        texts = _texts(ledger.raw)
         state.require_ready()
-        outputs = []
-        for text in texts:
-            started = time.perf_counter_ns()
-            generated, used = await _generate(state, text, clock)
-            prompt_tokens += used
-            outputs.append(
-                {
-                    "time": int(time.time() * 1000),
-                    "in": {"text": text},
-                    "out": {"generated_text": generated},
-                    "anomaly": {"count": 0},
-                    "metadata": {
-                        "last_model": json.dumps(
-                            {"model_name": state.manifest.name, "model_sha": state.manifest.sha256}
-                        ),
-                        "pipeline_version": state.manifest.version,
-                        "elapsed": [time.perf_counter_ns() - started],
-                        "dropped": [],
-                        "partition": socket.gethostname(),
-                    },
-                }
-            )
-        body_out = json.dumps(outputs)
-        return web.Response(text=body_out, content_type="application/json")
-    except ApiError as exc:
-        status, error = "error", exc.message
-        raise
-    except BackendError as exc:
-        status, error = "error", str(exc)
-        raise api_error_for(exc) from None
-    except asyncio.CancelledError:
-        status, error = "cancelled", "client disconnected"
-        raise
-    finally:
-        record = build_record(
-            state,
-            endpoint="infer",
-            accepted_ms=accepted_ms,
-            body=request_body_for_log(raw),
-            response_json=body_out,
-            params=state.manifest.openai.completion_config,
-            clock=clock,
-            prompt_tokens=prompt_tokens,
-            status=status,
-            error=error,
-        )
-        await asyncio.shield(state.records.append(record))
-        observe_request(
-            endpoint="infer",
-            model=state.manifest.name,
-            status=status,
-            ttft=clock.ttft,
-            tps=clock.tps,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=clock.completion_tokens,
-        )
+        outputs = [await _answer(state, text, ledger) for text in texts]
+        response = json_response(NativeOutputs(outputs))
+        ledger.response_json = response.text
+        return response
+
+
+async def _answer(state: AppState, text: str, ledger: RequestLedger) -> NativeOutput:
+    started = time.perf_counter_ns()
+    generated = await _generate(state, text, ledger)
+    metadata = NativeMetadata(
+        last_model=json.dumps(
+            {"model_name": state.manifest.name, "model_sha": state.manifest.sha256}
+        ),
+        pipeline_version=state.manifest.version,
+        elapsed=[time.perf_counter_ns() - started],
+        dropped=[],
+        partition=socket.gethostname(),
+    )
+    # By wire name: "in" is a keyword, so it cannot be an argument.
+    return NativeOutput.model_validate(
+        {
+            "time": int(time.time() * 1000),
+            "in": NativeIn(text=text),
+            "out": NativeOut(generated_text=generated),
+            "anomaly": NativeAnomaly(count=0),
+            "metadata": metadata,
+        }
+    )
 
 
 def _texts(raw: bytes) -> list[str]:
     try:
-        records = json.loads(raw)
-    except ValueError:
-        raise InvalidRequest("request body is not valid JSON") from None
-    if not isinstance(records, list) or not records:
-        raise InvalidRequest('body must be pandas-records JSON: [{"text": "..."}, ...]')
-    texts = []
-    for index, record in enumerate(records):
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str) or not text:
-            raise InvalidRequest(f"record {index}: needs a non-empty string 'text'", param="text")
-        texts.append(record["text"])
-    return texts
+        records = NativeRecords.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise InvalidRequest("request body is not valid JSON") from None
+        if len(first["loc"]) < 2:  # not a list, an empty one, or a row that is not an object
+            raise InvalidRequest(
+                'body must be pandas-records JSON: [{"text": "..."}, ...]'
+            ) from None
+        index = first["loc"][0]
+        raise InvalidRequest(
+            f"record {index}: needs a non-empty string 'text'", param="text"
+        ) from None
+    return [record.text for record in records.root]
 
 
-async def _generate(state: AppState, text: str, clock: GenerationClock) -> tuple[str, int]:
+async def _generate(state: AppState, text: str, ledger: RequestLedger) -> str:
     prepared = await prepare(
         "completions",
         CompletionRequest(prompt=text),
         request_id=uuid.uuid4().hex,
         backend=state.backend,
-        defaults=state.manifest.openai.completion_config,
+        defaults=model_defaults(state.manifest, "infer"),
     )
+    ledger.params = prepared.params.for_log()
+    ledger.prompt_tokens += prepared.prompt_tokens
     pieces: list[str] = []
     with state.scheduler.admit(1):
-        run = state.scheduler.run(prepared.sequences[0], stops=prepared.stops, clock=clock)
+        run = state.scheduler.run(prepared.sequences[0], stops=prepared.stops, clock=ledger.clock)
         async with contextlib.aclosing(run) as steps:
             async for step in steps:
                 pieces.append(step.text)
-    return "".join(pieces), prepared.prompt_tokens
+    return "".join(pieces)

@@ -1,11 +1,10 @@
-"""From a validated OpenAI request to engine work: effective parameters, prompts, token ids."""
+"""From a validated OpenAI request to engine work: prompts, token ids, one sequence per choice."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import ValidationError
 
@@ -13,17 +12,16 @@ from edge_agent.engine.types import (
     Backend,
     ChatMessage,
     GenerationRequest,
-    SamplingParams,
-    StructuredOutput,
-    UnsupportedParameter,
+    UnsupportedFeature,
 )
 from edge_agent.errors import ContextLengthExceeded, InvalidRequest
-from edge_agent.protocol import (
-    SAMPLING_FIELDS,
+from edge_agent.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
 )
+from edge_agent.server.engine_errors import as_api_error
+from edge_agent.server.params import EffectiveParams, effective_params
 
 Endpoint = Literal["completions", "chat/completions"]
 
@@ -34,7 +32,7 @@ class PreparedRequest:
 
     endpoint: Endpoint
     request_id: str
-    params: dict[str, Any]  # effective parameters, as logged
+    params: EffectiveParams
     sequences: list[GenerationRequest]  # one per choice
     prompt_texts: list[str]  # per choice, for echo
     prompt_tokens: int
@@ -86,14 +84,6 @@ def _is_union_tag(part: str) -> bool:
     return part in _SCALAR_TAGS or "[" in part or "-" in part or part[:1].isupper()
 
 
-def validate_defaults(defaults: dict[str, Any], where: str) -> None:
-    """Fail the start on a model default that a request could not carry either."""
-    try:
-        SamplingFields.model_validate_json(json.dumps(defaults))
-    except ValidationError as exc:
-        raise ValueError(f"{where}: {_as_invalid_request(exc).message}") from None
-
-
 def _refuse_unsupported(request: CompletionRequest | ChatCompletionRequest) -> None:
     if request.stream_options is not None and not request.stream:
         raise InvalidRequest(
@@ -112,24 +102,13 @@ def _refuse_unsupported(request: CompletionRequest | ChatCompletionRequest) -> N
             raise InvalidRequest("tool_choice: tool calling is not supported", param="tool_choice")
 
 
-def effective_params(
-    request: CompletionRequest | ChatCompletionRequest, defaults: dict[str, Any]
-) -> dict[str, Any]:
-    """The model's configured defaults overridden by what the request set."""
-    given = request.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True, by_alias=True)
-    if isinstance(request, ChatCompletionRequest) and request.max_tokens is None:
-        if request.max_completion_tokens is not None:
-            given["max_tokens"] = request.max_completion_tokens
-    return {**defaults, **given}
-
-
 async def prepare(
     endpoint: Endpoint,
     request: CompletionRequest | ChatCompletionRequest,
     *,
     request_id: str,
     backend: Backend,
-    defaults: dict[str, Any],
+    defaults: SamplingFields,
 ) -> PreparedRequest:
     _refuse_unsupported(request)
     params = effective_params(request, defaults)
@@ -138,11 +117,10 @@ async def prepare(
     )
     try:
         prompts = await asyncio.to_thread(_prompts_as_tokens, request, backend)
-    except UnsupportedParameter as exc:
-        raise InvalidRequest(str(exc), param=exc.param) from None
+    except UnsupportedFeature as exc:
+        raise as_api_error(exc, prompt_param=_prompt_param(request)) from None
     info = backend.info
     window = info.context_length
-    n = int(params.get("n", 1))
     logprobs = _logprobs_wanted(request)
     sequences: list[GenerationRequest] = []
     prompt_texts: list[str] = []
@@ -151,7 +129,7 @@ async def prepare(
         if not tokens:
             raise InvalidRequest("prompt: must not be empty", param=_prompt_param(request))
         room = window - len(tokens)
-        wanted = int(params.get("max_tokens") or room)
+        wanted = params.max_tokens or room
         if room <= 0 or (explicit_max and wanted > room):
             raise ContextLengthExceeded(
                 f"this model's context window is {window} tokens; the prompt has "
@@ -160,17 +138,16 @@ async def prepare(
             )
         max_tokens = min(wanted, room)
         total_prompt += len(tokens)
-        for choice in range(n):
-            sampling = _sampling_params(params, max_tokens, logprobs, choice)
+        for choice in range(params.n):
+            sampling = params.sampling(max_tokens=max_tokens, logprobs=logprobs, choice=choice)
             try:
                 backend.check_supported(sampling)
-            except UnsupportedParameter as exc:
-                raise InvalidRequest(str(exc), param=exc.param) from None
+            except UnsupportedFeature as exc:
+                raise as_api_error(exc, prompt_param=_prompt_param(request)) from None
             sequences.append(
                 GenerationRequest(f"{request_id}-{prompt_index}-{choice}", tokens, sampling)
             )
             prompt_texts.append(text)
-    stop = params.get("stop")
     return PreparedRequest(
         endpoint=endpoint,
         request_id=request_id,
@@ -178,7 +155,7 @@ async def prepare(
         sequences=sequences,
         prompt_texts=prompt_texts,
         prompt_tokens=total_prompt,
-        stops=[stop] if isinstance(stop, str) else list(stop or []),
+        stops=params.stop,
         stream=request.stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         logprobs=logprobs,
@@ -221,32 +198,3 @@ def _prompts_as_tokens(
             ids = list(item)  # type: ignore[arg-type]
             out.append((backend.detokenize(ids), ids))
     return out
-
-
-def _sampling_params(
-    params: dict[str, Any], max_tokens: int, logprobs: int | None, choice: int
-) -> SamplingParams:
-    seed = params.get("seed")
-    response_format = params.get("response_format") or {}
-    structured = None
-    if response_format.get("type") == "json_object":
-        structured = StructuredOutput("json_object")
-    elif response_format.get("type") == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        structured = StructuredOutput("json_schema", json.dumps(schema))
-    top_k = int(params.get("top_k", 0))
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=float(params.get("temperature", 1.0)),
-        top_p=float(params.get("top_p", 1.0)),
-        top_k=0 if top_k < 0 else top_k,
-        min_p=float(params.get("min_p", 0.0)),
-        # Choices of one request differ from each other, yet repeat with the same seed.
-        seed=None if seed is None else int(seed) + choice,
-        presence_penalty=float(params.get("presence_penalty", 0.0)),
-        frequency_penalty=float(params.get("frequency_penalty", 0.0)),
-        repetition_penalty=float(params.get("repetition_penalty", 1.0)),
-        logit_bias={int(k): float(v) for k, v in (params.get("logit_bias") or {}).items()},
-        logprobs=logprobs,
-        structured_output=structured,
-    )

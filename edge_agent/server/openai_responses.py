@@ -1,14 +1,20 @@
-"""Engine steps to OpenAI shapes: streaming chunks and the assembled final response."""
+"""Engine steps to OpenAI shapes: streaming chunks and the assembled final response.
+
+What both surfaces share (the text so far, logprobs, usage) is ``ResponseBuilder``;
+each surface's shapes are its own subclass, so neither branches on the other.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from edge_agent.engine.scheduler import GenerationClock, Step
 from edge_agent.engine.types import Backend, FinishReason
-from edge_agent.protocol import (
+from edge_agent.protocol.openai import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -42,17 +48,20 @@ class ChoiceText:
     top_logprobs: list[list[TopLogprobEntry]] = field(default_factory=list)
 
 
-class ResponseBuilder:
+class ResponseBuilder(ABC):
     """Builds one request's chunks and final response; one instance per request."""
 
-    def __init__(self, prepared: PreparedRequest, model_name: str, backend: Backend) -> None:
+    id_prefix: str
+
+    def __init__(
+        self, prepared: PreparedRequest, model_name: str, token_text: Callable[[int], str]
+    ) -> None:
+        """``token_text``: one token's own text, for logprobs (the backend's detokenizer)."""
         self.prepared = prepared
-        self.chat = prepared.endpoint == "chat/completions"
-        prefix = "chatcmpl-" if self.chat else "cmpl-"
-        self.id = prefix + uuid.uuid4().hex
+        self.id = self.id_prefix + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model_name
-        self._backend = backend
+        self._token_text = token_text
         self.choices = [ChoiceText() for _ in prepared.sequences]
         if prepared.echo:
             for choice, prompt in zip(self.choices, prepared.prompt_texts, strict=True):
@@ -64,12 +73,12 @@ class ResponseBuilder:
         if step.finish_reason is not None:
             choice.finish_reason = step.finish_reason
             choice.stop_reason = step.stop_reason
-        token = step.token
-        if self.prepared.logprobs is not None and token is not None and token.token_id is not None:
-            choice.tokens.append(self._backend.detokenize([token.token_id]))
-            choice.token_logprobs.append(token.logprob)
+        if self._has_logprobs(step):
+            assert step.token is not None and step.token.token_id is not None
+            choice.tokens.append(self._token_text(step.token.token_id))
+            choice.token_logprobs.append(step.token.logprob)
             choice.top_logprobs.append(
-                [TopLogprobEntry(token=t.token, logprob=t.logprob) for t in token.top_logprobs]
+                [TopLogprobEntry(token=t.token, logprob=t.logprob) for t in step.token.top_logprobs]
             )
 
     def usage(self, clock: GenerationClock) -> Usage:
@@ -82,99 +91,62 @@ class ResponseBuilder:
             tps=clock.tps,
         )
 
-    # --- streaming ---------------------------------------------------------------------
+    def _has_logprobs(self, step: Step) -> bool:
+        token = step.token
+        return (
+            self.prepared.logprobs is not None and token is not None and token.token_id is not None
+        )
 
-    def opening_chunk(self) -> Chunk | None:
-        """Chat streams open with the assistant's role, as OpenAI's do."""
-        if not self.chat:
+    def _step_range(self, index: int, step: Step) -> tuple[ChoiceText, int, int] | None:
+        """The logprobs entry this step added to its choice, if it added one."""
+        if not self._has_logprobs(step):
             return None
-        return ChatCompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[
-                ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                for i in range(len(self.choices))
-            ],
-        )
-
-    def echo_chunk(self) -> Chunk | None:
-        if self.chat or not self.prepared.echo:
-            return None
-        return CompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[
-                CompletionChoice(index=i, text=prompt)
-                for i, prompt in enumerate(self.prepared.prompt_texts)
-            ],
-        )
-
-    def step_chunk(self, index: int, step: Step, usage: Usage | None = None) -> Chunk:
-        logprobs = self._step_logprobs(index, step)
-        if self.chat:
-            content = step.text if step.text or step.finish_reason is None else None
-            return ChatCompletionChunk(
-                id=self.id,
-                created=self.created,
-                model=self.model,
-                choices=[
-                    ChatChunkChoice(
-                        index=index,
-                        delta=ChatDelta(content=content),
-                        logprobs=logprobs,  # type: ignore[arg-type]
-                        finish_reason=step.finish_reason,
-                    )
-                ],
-                usage=usage,
-            )
-        return CompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[
-                CompletionChoice(
-                    index=index,
-                    text=step.text,
-                    logprobs=logprobs,  # type: ignore[arg-type]
-                    finish_reason=step.finish_reason,
-                    stop_reason=step.stop_reason,
-                )
-            ],
-            usage=usage,
-        )
-
-    def usage_chunk(self, usage: Usage) -> Chunk:
-        model = ChatCompletionChunk if self.chat else CompletionChunk
-        return model(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
-
-    def _step_logprobs(self, index: int, step: Step) -> ChatLogprobs | CompletionLogprobs | None:
         choice = self.choices[index]
-        if self.prepared.logprobs is None or step.token is None or step.token.token_id is None:
-            return None
-        return self._logprobs(choice, len(choice.tokens) - 1, len(choice.tokens))
+        return choice, len(choice.tokens) - 1, len(choice.tokens)
 
-    # --- the whole response ------------------------------------------------------------
+    @abstractmethod
+    def opening_chunks(self) -> Iterator[Chunk]:
+        """What a stream sends before the first token."""
 
-    def response(self, clock: GenerationClock) -> Response:
-        usage = self.usage(clock)
-        if self.chat:
-            return ChatCompletionResponse(
-                id=self.id,
-                created=self.created,
-                model=self.model,
-                choices=[
-                    ChatChoice(
-                        index=i,
-                        message=AssistantMessage(content="".join(c.text)),
-                        logprobs=self._logprobs(c, 0, len(c.tokens)),  # type: ignore[arg-type]
-                        finish_reason=c.finish_reason,
-                    )
-                    for i, c in enumerate(self.choices)
-                ],
-                usage=usage,
+    @abstractmethod
+    def step_chunk(self, index: int, step: Step, usage: Usage | None = None) -> Chunk: ...
+
+    @abstractmethod
+    def usage_chunk(self, usage: Usage) -> Chunk: ...
+
+    @abstractmethod
+    def response(self, clock: GenerationClock) -> Response: ...
+
+
+class CompletionResponses(ResponseBuilder):
+    """``text_completion`` objects: text deltas, echo, offsets in the logprobs."""
+
+    id_prefix = "cmpl-"
+
+    def opening_chunks(self) -> Iterator[CompletionChunk]:
+        if self.prepared.echo:
+            yield self._chunk(
+                [
+                    CompletionChoice(index=i, text=prompt)
+                    for i, prompt in enumerate(self.prepared.prompt_texts)
+                ]
             )
+
+    def step_chunk(self, index: int, step: Step, usage: Usage | None = None) -> CompletionChunk:
+        span = self._step_range(index, step)
+        choice = CompletionChoice(
+            index=index,
+            text=step.text,
+            logprobs=None if span is None else self._logprobs(*span),
+            finish_reason=step.finish_reason,
+            stop_reason=step.stop_reason,
+        )
+        return self._chunk([choice], usage)
+
+    def usage_chunk(self, usage: Usage) -> CompletionChunk:
+        return self._chunk([], usage)
+
+    def response(self, clock: GenerationClock) -> CompletionResponse:
         return CompletionResponse(
             id=self.id,
             created=self.created,
@@ -183,32 +155,25 @@ class ResponseBuilder:
                 CompletionChoice(
                     index=i,
                     text="".join(c.text),
-                    logprobs=self._logprobs(c, 0, len(c.tokens)),  # type: ignore[arg-type]
+                    logprobs=self._logprobs(c, 0, len(c.tokens)),
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
                 )
                 for i, c in enumerate(self.choices)
             ],
-            usage=usage,
+            usage=self.usage(clock),
         )
 
-    def _logprobs(
-        self, choice: ChoiceText, start: int, end: int
-    ) -> ChatLogprobs | CompletionLogprobs | None:
+    def _chunk(
+        self, choices: list[CompletionChoice], usage: Usage | None = None
+    ) -> CompletionChunk:
+        return CompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def _logprobs(self, choice: ChoiceText, start: int, end: int) -> CompletionLogprobs | None:
         if self.prepared.logprobs is None:
             return None
-        if self.chat:
-            return ChatLogprobs(
-                content=[
-                    ChatTokenLogprob(
-                        token=choice.tokens[i],
-                        logprob=choice.token_logprobs[i] or 0.0,
-                        bytes=list(choice.tokens[i].encode()),
-                        top_logprobs=choice.top_logprobs[i],
-                    )
-                    for i in range(start, end)
-                ]
-            )
         offsets: list[int] = []
         position = len("".join(choice.text[:1])) if self.prepared.echo else 0
         for i in range(end):
@@ -224,3 +189,79 @@ class ResponseBuilder:
             ],
             text_offset=offsets,
         )
+
+
+class ChatResponses(ResponseBuilder):
+    """``chat.completion`` objects: the assistant's role first, then content deltas."""
+
+    id_prefix = "chatcmpl-"
+
+    def opening_chunks(self) -> Iterator[ChatCompletionChunk]:
+        """Chat streams open with the assistant's role, as OpenAI's do."""
+        yield self._chunk(
+            [
+                ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                for i in range(len(self.choices))
+            ]
+        )
+
+    def step_chunk(self, index: int, step: Step, usage: Usage | None = None) -> ChatCompletionChunk:
+        span = self._step_range(index, step)
+        content = step.text if step.text or step.finish_reason is None else None
+        choice = ChatChunkChoice(
+            index=index,
+            delta=ChatDelta(content=content),
+            logprobs=None if span is None else self._logprobs(*span),
+            finish_reason=step.finish_reason,
+        )
+        return self._chunk([choice], usage)
+
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
+        return self._chunk([], usage)
+
+    def response(self, clock: GenerationClock) -> ChatCompletionResponse:
+        return ChatCompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content="".join(c.text)),
+                    logprobs=self._logprobs(c, 0, len(c.tokens)),
+                    finish_reason=c.finish_reason,
+                )
+                for i, c in enumerate(self.choices)
+            ],
+            usage=self.usage(clock),
+        )
+
+    def _chunk(
+        self, choices: list[ChatChunkChoice], usage: Usage | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def _logprobs(self, choice: ChoiceText, start: int, end: int) -> ChatLogprobs | None:
+        if self.prepared.logprobs is None:
+            return None
+        return ChatLogprobs(
+            content=[
+                ChatTokenLogprob(
+                    token=choice.tokens[i],
+                    logprob=choice.token_logprobs[i] or 0.0,
+                    bytes=list(choice.tokens[i].encode()),
+                    top_logprobs=choice.top_logprobs[i],
+                )
+                for i in range(start, end)
+            ]
+        )
+
+
+def response_builder(
+    prepared: PreparedRequest, model_name: str, backend: Backend
+) -> ResponseBuilder:
+    """The builder for the request's surface."""
+    surface = ChatResponses if prepared.endpoint == "chat/completions" else CompletionResponses
+    return surface(prepared, model_name, lambda token: backend.detokenize([token]))

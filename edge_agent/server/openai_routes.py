@@ -4,30 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import structlog
 from aiohttp import web
 
+from edge_agent.engine.errors import EngineError
 from edge_agent.engine.scheduler import GenerationClock, Step
-from edge_agent.engine.types import BackendError
 from edge_agent.errors import ApiError, OpenAIDisabled
-from edge_agent.observability import observe_request
-from edge_agent.protocol import ModelCard, ModelList
-from edge_agent.server.engine_errors import api_error_for
+from edge_agent.protocol.edge import OPENAI_PREFIX
+from edge_agent.protocol.openai import ModelCard, ModelList
 from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_request, prepare
-from edge_agent.server.openai_responses import ResponseBuilder
-from edge_agent.server.records import build_record, request_body_for_log
+from edge_agent.server.openai_responses import ResponseBuilder, response_builder
+from edge_agent.server.params import model_defaults
+from edge_agent.server.records import RequestLedger
 from edge_agent.server.sse import SseWriter
 from edge_agent.server.state import AppState, state_of
+from edge_agent.server.wire import json_response
 
 log = structlog.get_logger(__name__)
 
-PREFIX = "/infer/openai/v1"
+PREFIX = OPENAI_PREFIX
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -43,98 +40,43 @@ async def list_models(request: web.Request) -> web.Response:
     if not state.manifest.openai.enabled:
         raise OpenAIDisabled()
     card = ModelCard(id=state.manifest.name, created=int(state.started_at))
-    return web.json_response(text=ModelList(data=[card]).model_dump_json())
-
-
-class _Outcome:
-    """What the request's log record and metrics say, filled in as the request goes."""
-
-    def __init__(self) -> None:
-        self.status = "ok"
-        self.error: str | None = None
-        self.response_json: str | None = None
-        self.params: dict[str, Any] = {}
-        self.prompt_tokens = 0
-        self.logged = False
+    return json_response(ModelList(data=[card]))
 
 
 async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     state = state_of(request)
-    clock = GenerationClock()
-    accepted_ms = int(time.time() * 1000)
-    request_id = uuid.uuid4().hex
-    raw = await request.read()
-    outcome = _Outcome()
-
-    async def commit_record() -> None:
-        """Make the record durable; called before the response's last byte is sent."""
-        if outcome.logged:
-            return
-        outcome.logged = True
-        record = build_record(
-            state,
-            endpoint=endpoint,
-            accepted_ms=accepted_ms,
-            body=request_body_for_log(raw),
-            response_json=outcome.response_json,
-            params=outcome.params,
-            clock=clock,
-            prompt_tokens=outcome.prompt_tokens,
-            status=outcome.status,
-            error=outcome.error,
-        )
-        await state.records.append(record)
-
-    try:
+    ledger = RequestLedger(state, endpoint, await request.read())
+    async with ledger.guard():
         if not state.manifest.openai.enabled:
             raise OpenAIDisabled()
-        parsed = parse_request(endpoint, raw)
+        parsed = parse_request(endpoint, ledger.raw)
         state.require_ready()
-        defaults = state.manifest.openai.chat_config
-        if endpoint == "completions":
-            defaults = state.manifest.openai.completion_config
         prepared = await prepare(
-            endpoint, parsed, request_id=request_id, backend=state.backend, defaults=defaults
+            endpoint,
+            parsed,
+            request_id=ledger.request_id,
+            backend=state.backend,
+            defaults=model_defaults(state.manifest, endpoint),
         )
-        outcome.params = prepared.params
-        outcome.prompt_tokens = prepared.prompt_tokens
+        ledger.params = prepared.params.for_log()
+        ledger.prompt_tokens = prepared.prompt_tokens
         with state.scheduler.admit(len(prepared.sequences)):
-            builder = ResponseBuilder(prepared, state.manifest.name, state.backend)
+            builder = response_builder(prepared, state.manifest.name, state.backend)
+            ledger.partial_response = lambda: builder.response(ledger.clock).model_dump_json()
             if prepared.stream:
-                return await _stream(
-                    request, state, prepared, builder, clock, outcome, commit_record
-                )
-            return await _respond(state, prepared, builder, clock, outcome, commit_record)
-    except ApiError as error:
-        outcome.status, outcome.error = "error", error.message
-        await commit_record()
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        outcome.status, outcome.error = "cancelled", "client disconnected"
-        await asyncio.shield(commit_record())
-        raise
-    except BackendError as exc:
-        outcome.status, outcome.error = "error", str(exc)
-        await commit_record()
-        raise api_error_for(exc) from None
-    finally:
-        _finish_log(state, endpoint, request_id, clock, outcome)
+                return await _stream(request, state, prepared, builder, ledger)
+            return await _respond(state, prepared, builder, ledger)
 
 
 async def _respond(
-    state: AppState,
-    prepared: PreparedRequest,
-    builder: ResponseBuilder,
-    clock: GenerationClock,
-    outcome: _Outcome,
-    commit_record: Callable[[], Awaitable[None]],
+    state: AppState, prepared: PreparedRequest, builder: ResponseBuilder, ledger: RequestLedger
 ) -> web.Response:
-    async for index, step in _choices(state, prepared, clock):
+    async for index, step in _choices(state, prepared, ledger.clock):
         builder.add(index, step)
-    body = builder.response(clock).model_dump_json()
-    outcome.response_json = body
-    await commit_record()
-    return web.Response(text=body, content_type="application/json")
+    response = json_response(builder.response(ledger.clock))
+    ledger.response_json = response.text
+    await ledger.commit()
+    return response
 
 
 async def _stream(
@@ -142,15 +84,13 @@ async def _stream(
     state: AppState,
     prepared: PreparedRequest,
     builder: ResponseBuilder,
-    clock: GenerationClock,
-    outcome: _Outcome,
-    commit_record: Callable[[], Awaitable[None]],
+    ledger: RequestLedger,
 ) -> web.StreamResponse:
+    clock = ledger.clock
     writer = SseWriter(request)
     await writer.start()
-    for opening in (builder.opening_chunk(), builder.echo_chunk()):
-        if opening is not None:
-            await writer.send(opening)
+    for opening in builder.opening_chunks():
+        await writer.send(opening)
     remaining = len(prepared.sequences)
     try:
         async for index, step in _choices(state, prepared, clock):
@@ -165,33 +105,17 @@ async def _stream(
                 continue
             # The last choice finished: the record is durable before its chunk leaves.
             usage = builder.usage(clock)
-            outcome.response_json = builder.response(clock).model_dump_json()
-            await commit_record()
+            ledger.response_json = builder.response(clock).model_dump_json()
+            await ledger.commit()
             if prepared.include_usage:
                 await writer.send(builder.step_chunk(index, step))
                 await writer.send(builder.usage_chunk(usage))
             else:
                 await writer.send(builder.step_chunk(index, step, usage))
-    except ApiError as error:
-        outcome.status, outcome.error = "error", error.message
-        outcome.response_json = builder.response(clock).model_dump_json()
-        await commit_record()
-        await writer.send(_error_event(error))
-    except BackendError as exc:
-        outcome.status, outcome.error = "error", str(exc)
-        outcome.response_json = builder.response(clock).model_dump_json()
-        await commit_record()
-        await writer.send(_error_event(api_error_for(exc)))
-    except (asyncio.CancelledError, ConnectionResetError):
-        outcome.status, outcome.error = "cancelled", "client disconnected"
-        outcome.response_json = builder.response(clock).model_dump_json()
-        await asyncio.shield(commit_record())
-        raise
+    except (ApiError, EngineError) as error:
+        # The status line is gone: the failure travels as an event, then [DONE].
+        await writer.send((await ledger.fail(error)).envelope())
     return await writer.done()
-
-
-def _error_event(error: ApiError) -> bytes:
-    return json.dumps(error.envelope()).encode()
 
 
 async def _choices(
@@ -235,28 +159,3 @@ async def _choices(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _finish_log(
-    state: AppState, endpoint: str, request_id: str, clock: GenerationClock, outcome: _Outcome
-) -> None:
-    observe_request(
-        endpoint=endpoint,
-        model=state.manifest.name,
-        status=outcome.status,
-        ttft=clock.ttft,
-        tps=clock.tps,
-        prompt_tokens=outcome.prompt_tokens,
-        completion_tokens=clock.completion_tokens,
-    )
-    log.info(
-        "request",
-        request_id=request_id,
-        endpoint=endpoint,
-        status=outcome.status,
-        error=outcome.error,
-        prompt_tokens=outcome.prompt_tokens,
-        completion_tokens=clock.completion_tokens,
-        ttft=clock.ttft,
-        tps=clock.tps,
-    )

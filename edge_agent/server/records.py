@@ -1,13 +1,33 @@
-"""The inference log record of CONTRACT.md section 6, built from what the request produced."""
+"""One request's ledger: its outcome, its inference log record and its metrics, said once.
+
+Every inference route opens a ledger and runs inside ``ledger.guard()``: an error, a
+refusal or a disconnect is recorded as such, the record is committed exactly once
+(before the response's last byte where the route says so), and the metrics and the
+request's log line follow when the handler ends, whatever way it ends.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import structlog
+
+from edge_agent.engine.errors import EngineError
 from edge_agent.engine.scheduler import GenerationClock
+from edge_agent.errors import ApiError
 from edge_agent.logbook import new_record_id
+from edge_agent.observability import observe_request
+from edge_agent.protocol.logs import LogRecord, RecordEndpoint, RecordStatus
+from edge_agent.server.engine_errors import as_api_error
 from edge_agent.server.state import AppState
+
+log = structlog.get_logger(__name__)
 
 
 def request_body_for_log(raw: bytes) -> Any:
@@ -18,39 +38,105 @@ def request_body_for_log(raw: bytes) -> Any:
         return raw.decode("utf-8", errors="replace")
 
 
-def build_record(
-    state: AppState,
-    *,
-    endpoint: str,
-    accepted_ms: int,
-    body: Any,
-    response_json: str | None,
-    params: dict[str, Any],
-    clock: GenerationClock,
-    prompt_tokens: int,
-    status: str,
-    error: str | None = None,
-) -> dict[str, Any]:
-    manifest = state.manifest
-    record: dict[str, Any] = {
-        "id": new_record_id(),
-        "time": accepted_ms,
-        "pipeline": state.settings.pipeline,
-        "model": {"name": manifest.name, "version": manifest.version, "sha": manifest.sha256},
-        "backend": state.backend.info.name,
-        "endpoint": endpoint,
-        "in": body,
-        "out": {"json": response_json},
-        "params": params,
-        "metrics": {
-            "ttft": clock.ttft,
-            "tps": clock.tps,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": clock.completion_tokens,
-            "elapsed_s": clock.elapsed_s,
-        },
-        "status": status,
-    }
-    if error is not None:
-        record["error"] = error
-    return record
+class RequestLedger:
+    """What one request did, filled in as it goes; one per request."""
+
+    def __init__(self, state: AppState, endpoint: RecordEndpoint, raw: bytes) -> None:
+        self.state = state
+        self.endpoint = endpoint
+        self.raw = raw
+        self.clock = GenerationClock()
+        self.accepted_ms = int(time.time() * 1000)
+        self.request_id = uuid.uuid4().hex
+        self.status: RecordStatus = "ok"
+        self.error: str | None = None
+        self.response_json: str | None = None
+        # What the response would be so far, for a record of a request that ends early.
+        self.partial_response: Callable[[], str] | None = None
+        self.params: dict[str, Any] = {}
+        self.prompt_tokens = 0
+        self._committed = False
+
+    async def commit(self) -> None:
+        """Make the record durable; the first call counts, later ones do nothing."""
+        if self._committed:
+            return
+        self._committed = True
+        await self.state.records.append(self.record())
+
+    async def fail(self, error: ApiError | EngineError) -> ApiError:
+        """Record a failure and commit; the error as the client sees it."""
+        mapped = as_api_error(error) if isinstance(error, EngineError) else error
+        self._end_early("error", mapped.message)
+        await self.commit()
+        return mapped
+
+    @contextlib.asynccontextmanager
+    async def guard(self) -> AsyncIterator[RequestLedger]:
+        """Run a handler: every way out leaves one record, then the metrics and a log line."""
+        try:
+            yield self
+        except (ApiError, EngineError) as error:
+            raise await self.fail(error) from None
+        except (asyncio.CancelledError, ConnectionResetError):
+            self._end_early("cancelled", "client disconnected")
+            await asyncio.shield(self.commit())
+            raise
+        else:
+            await self.commit()
+        finally:
+            self._observe()
+
+    def record(self) -> dict[str, Any]:
+        """The record of CONTRACT.md section 6, as stored and uploaded."""
+        state, clock = self.state, self.clock
+        manifest = state.manifest
+        record = {
+            "id": new_record_id(),
+            "time": self.accepted_ms,
+            "pipeline": state.settings.pipeline,
+            "model": {"name": manifest.name, "version": manifest.version, "sha": manifest.sha256},
+            "backend": state.backend.info.name,
+            "endpoint": self.endpoint,
+            "in": request_body_for_log(self.raw),
+            "out": {"json": self.response_json},
+            "params": self.params,
+            "metrics": {
+                "ttft": clock.ttft,
+                "tps": clock.tps,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": clock.completion_tokens,
+                "elapsed_s": clock.elapsed_s,
+            },
+            "status": self.status,
+            "error": self.error,
+        }
+        return LogRecord.model_validate(record).as_dict()
+
+    def _end_early(self, status: RecordStatus, error: str) -> None:
+        self.status, self.error = status, error
+        if self.response_json is None and self.partial_response is not None:
+            self.response_json = self.partial_response()
+
+    def _observe(self) -> None:
+        clock = self.clock
+        observe_request(
+            endpoint=self.endpoint,
+            model=self.state.manifest.name,
+            status=self.status,
+            ttft=clock.ttft,
+            tps=clock.tps,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=clock.completion_tokens,
+        )
+        log.info(
+            "request",
+            request_id=self.request_id,
+            endpoint=self.endpoint,
+            status=self.status,
+            error=self.error,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=clock.completion_tokens,
+            ttft=clock.ttft,
+            tps=clock.tps,
+        )

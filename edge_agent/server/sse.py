@@ -1,4 +1,9 @@
-"""Server-sent events over aiohttp: one ``data:`` event per write, flushed as it is written."""
+"""Server-sent events over aiohttp: one ``data:`` event per write, flushed as it is written.
+
+The body has no length, so aiohttp frames it by the client's HTTP version: chunked
+under HTTP/1.1, and under HTTP/1.0 (which has no chunked encoding) the connection
+closes to end it. Forcing chunked encoding would refuse every HTTP/1.0 stream.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ class SseWriter:
                 "X-Accel-Buffering": "no",  # keep reverse proxies from batching tokens
             },
         )
-        self._response.enable_chunked_encoding()
         self.started = False
 
     async def start(self) -> None:

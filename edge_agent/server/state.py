@@ -11,7 +11,7 @@ from aiohttp import web
 from edge_agent.config import Settings
 from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
-from edge_agent.errors import EngineRestarting, ModelNotReady, ShuttingDown
+from edge_agent.errors import Draining, EngineRestarting, ModelNotReady
 from edge_agent.logbook import LogStore
 from edge_agent.manifest import ModelManifest
 
@@ -62,7 +62,7 @@ class AppState:
     def require_ready(self) -> None:
         """Refuse inference with the right 503 while loading, failed, restarting or stopping."""
         if self.scheduler.draining:
-            raise ShuttingDown()
+            raise Draining()
         if self.status != "Running":
             raise ModelNotReady(self.status_detail)
         reason = self.backend.unavailable

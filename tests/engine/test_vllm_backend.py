@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent.engine.backends.vllm import VllmBackend, VllmOptions
+from edge_agent.config import VllmOptions
+from edge_agent.engine.backends.vllm import VllmBackend
 from edge_agent.engine.types import (
     Backend,
     BackendError,
@@ -22,7 +23,7 @@ from edge_agent.engine.types import (
     StructuredOutput,
     TokenEvent,
     TopLogprob,
-    UnsupportedParameter,
+    UnsupportedFeature,
 )
 from edge_agent.manifest import HfArtifact, ModelManifest
 from tests.engine.vllm_double import (
@@ -217,35 +218,35 @@ async def test_response_formats_become_structured_outputs(backend: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("params", "param"),
+    ("params", "feature"),
     [
         ({"temperature": 3.0}, "temperature"),
         ({"presence_penalty": 3.0}, "presence_penalty"),
         ({"top_p": 0.0}, "top_p"),
         ({"logprobs": 21}, "logprobs"),
         ({"logit_bias": {10**6: 1.0}}, "logit_bias"),
-        ({"structured_output": StructuredOutput("json_schema", "{not json")}, "response_format"),
+        ({"structured_output": StructuredOutput("json_schema", "{not json")}, "structured_output"),
     ],
 )
 async def test_a_parameter_vllm_refuses_is_named(
-    backend: Any, params: dict[str, Any], param: str
+    backend: Any, params: dict[str, Any], feature: str
 ) -> None:
     vllm_backend, _ = backend
-    with pytest.raises(UnsupportedParameter) as caught:
+    with pytest.raises(UnsupportedFeature) as caught:
         vllm_backend.check_supported(SamplingParams(max_tokens=4, **params))
-    assert caught.value.param == param
+    assert caught.value.feature == feature
 
 
-async def test_a_schema_refused_at_admission_is_an_unsupported_response_format(
+async def test_a_schema_refused_at_admission_is_an_unsupported_structured_output(
     backend: Any,
 ) -> None:
     vllm_backend, engine = backend
     schema = json.dumps({"type": "object", UNCOMPILABLE_SCHEMA_KEY: True})
     req = request(vllm_backend, structured_output=StructuredOutput("json_schema", schema))
     vllm_backend.check_supported(req.params)  # compiling needs the engine: found at generate
-    with pytest.raises(UnsupportedParameter) as caught:
+    with pytest.raises(UnsupportedFeature) as caught:
         await collect(vllm_backend, req)
-    assert caught.value.param == "response_format"
+    assert caught.value.feature == "structured_output"
     assert engine.aborted == ["r1"]
 
 
@@ -366,17 +367,19 @@ async def test_chat_messages_go_through_the_tokenizers_chat_template(backend: An
     assert ids[0] == ByteTokenizer.SPECIAL.index("<|im_start|>")
 
 
-async def test_a_message_the_template_refuses_is_an_unsupported_messages(backend: Any) -> None:
+async def test_a_message_the_template_refuses_is_an_unsupported_chat_template(
+    backend: Any,
+) -> None:
     vllm_backend, _ = backend
-    with pytest.raises(UnsupportedParameter) as caught:
+    with pytest.raises(UnsupportedFeature) as caught:
         vllm_backend.render_chat([ChatMessage("narrator", "Once upon a time")])
-    assert caught.value.param == "messages"
+    assert caught.value.feature == "chat_template"
 
 
 async def test_a_model_without_chat_template_refuses_messages(backend: Any) -> None:
     vllm_backend, engine = backend
     engine.tokenizer.chat_template = None
-    with pytest.raises(UnsupportedParameter, match="no chat template"):
+    with pytest.raises(UnsupportedFeature, match="no chat template"):
         vllm_backend.render_chat([ChatMessage("user", "Hi")])
 
 
@@ -391,9 +394,9 @@ async def test_special_tokens_in_user_text_are_not_parsed(backend: Any) -> None:
 
 async def test_detokenize_refuses_ids_outside_the_vocabulary(backend: Any) -> None:
     vllm_backend, _ = backend
-    with pytest.raises(UnsupportedParameter) as caught:
+    with pytest.raises(UnsupportedFeature) as caught:
         vllm_backend.detokenize([10**6])
-    assert caught.value.param == "prompt"
+    assert caught.value.feature == "prompt_tokens"
 
 
 async def test_engine_arguments_come_from_manifest_settings_and_options(

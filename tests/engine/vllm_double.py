@@ -30,7 +30,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from edge_agent.engine.backends.vllm import VllmApi, VllmBackend, VllmOptions
+from edge_agent.config import VllmOptions
+from edge_agent.engine.backends.vllm import VllmApi, VllmBackend
 from edge_agent.manifest import HfArtifact, ModelManifest
 
 DOUBLE_REPLY = "Hello from the vLLM double: naïve café ✓ done."

@@ -32,11 +32,6 @@ def notify_socket(
         receiver.close()
 
 
-def settle() -> None:
-    """Let the reader thread pick up datagrams already sent."""
-    time.sleep(0.15)
-
-
 def test_without_notify_socket_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert sdnotify.notify("READY=1") is False
@@ -48,7 +43,7 @@ def test_ready_status_reloading_and_stopping_arrive(notify_socket: NotifySocket)
     assert sdnotify.status("loading")
     assert sdnotify.reloading()
     assert sdnotify.stopping("draining 2 sequences", extend_timeout_s=40)
-    settle()
+    notify_socket.flush()
     ready, status, reloading, stopping = (m.splitlines() for m in notify_socket.texts())
     assert ready == ["READY=1", "STATUS=serving m on llamacpp", f"MAINPID={os.getpid()}"]
     assert status == ["STATUS=loading"]
@@ -93,7 +88,7 @@ async def test_watchdog_task_returns_at_once_without_a_watchdog(
     notify_socket: NotifySocket,
 ) -> None:
     await asyncio.wait_for(sdnotify.watchdog_task(), timeout=1)
-    settle()
+    notify_socket.flush()
     assert notify_socket.texts() == []
 
 
@@ -105,7 +100,7 @@ async def test_watchdog_pings_every_half_interval_while_the_loop_is_free(
     pinger.start()
     await asyncio.sleep(1.0)
     await pinger.stop()
-    settle()
+    notify_socket.flush()
     pings = notify_socket.times_of("WATCHDOG=1")
     # One at start, then one per 0.1 s.
     assert 8 <= len(pings) <= 12, pings
@@ -114,7 +109,7 @@ async def test_watchdog_pings_every_half_interval_while_the_loop_is_free(
     assert sum(gaps) / len(gaps) == pytest.approx(INTERVAL_S / 2, abs=0.03)
     stopped_with = len(pings)
     await asyncio.sleep(0.3)
-    settle()
+    notify_socket.flush()
     assert len(notify_socket.times_of("WATCHDOG=1")) == stopped_with, "stop() ends the pings"
 
 
@@ -124,14 +119,21 @@ async def test_watchdog_pings_stop_while_the_loop_is_blocked(
     monkeypatch.setenv("WATCHDOG_USEC", str(int(INTERVAL_S * 1e6)))
     pinger = sdnotify.WatchdogPinger()
     pinger.start()
-    await asyncio.sleep(0.35)
+    # A few pings while the loop is free, however busy the machine is.
+    await asyncio.to_thread(
+        notify_socket.wait_until, lambda: len(notify_socket.times_of("WATCHDOG=1")) >= 3
+    )
     blocked_at = time.monotonic()
     # A handler doing blocking work on the loop: the daemon is wedged (on purpose here).
     time.sleep(1.0)  # noqa: ASYNC251
     unblocked_at = time.monotonic()
-    await asyncio.sleep(0.35)
+    # The loop is free again: pings resume.
+    await asyncio.to_thread(
+        notify_socket.wait_until,
+        lambda: any(at > unblocked_at for at in notify_socket.times_of("WATCHDOG=1")),
+    )
     await pinger.stop()
-    settle()
+    notify_socket.flush()
     pings = notify_socket.times_of("WATCHDOG=1")
     assert [at for at in pings if blocked_at + 0.05 < at < unblocked_at] == []
     assert any(at < blocked_at for at in pings) and any(at > unblocked_at for at in pings)

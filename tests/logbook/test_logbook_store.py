@@ -17,7 +17,7 @@ from logbook_helpers import append_all, make_record
 from prometheus_client import CollectorRegistry
 
 from edge_agent.config import LogSettings
-from edge_agent.logbook import DB_FILENAME, LogStore, new_record_id
+from edge_agent.logbook import DB_FILENAME, LogbookCollector, LogStore, new_record_id
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,11 +33,11 @@ def test_record_ids_are_uuidv7_and_strictly_increasing() -> None:
 
 async def test_appended_records_are_found_after_reopen(tmp_path: Path) -> None:
     records = [make_record(n) for n in range(50)]
-    first = LogStore.from_settings(tmp_path, LogSettings(), registry=CollectorRegistry())
+    first = LogStore.from_settings(tmp_path, LogSettings())
     await append_all(first, records)
     first.close()
 
-    second = LogStore.from_settings(tmp_path, LogSettings(), registry=CollectorRegistry())
+    second = LogStore.from_settings(tmp_path, LogSettings())
     try:
         found, has_more = await second.read(limit=1000)
         assert [r["id"] for r in found] == [r["id"] for r in reversed(records)]
@@ -59,8 +59,7 @@ def test_record_survives_kill_9_right_after_append_returns(tmp_path: Path, sync:
         from edge_agent.logbook import LogStore, new_record_id
 
         async def main():
-            store = LogStore({str(tmp_path / DB_FILENAME)!r}, registry=CollectorRegistry(),
-                             sync={sync!r})
+            store = LogStore({str(tmp_path / DB_FILENAME)!r}, sync={sync!r})
             ids = [new_record_id() for _ in range(30)]
             await asyncio.gather(*(store.append({{"id": i, "time": 1, "status": "ok"}})
                                    for i in ids))
@@ -81,7 +80,7 @@ def test_record_survives_kill_9_right_after_append_returns(tmp_path: Path, sync:
         proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
 
-    reopened = LogStore(tmp_path / DB_FILENAME, registry=CollectorRegistry())
+    reopened = LogStore(tmp_path / DB_FILENAME)
     try:
         assert reopened.stats().records == 30
     finally:
@@ -89,7 +88,7 @@ def test_record_survives_kill_9_right_after_append_returns(tmp_path: Path, sync:
     import asyncio
 
     async def read_back() -> list[str]:
-        store = LogStore(tmp_path / DB_FILENAME, registry=CollectorRegistry())
+        store = LogStore(tmp_path / DB_FILENAME)
         try:
             found, _ = await store.read(limit=100)
             return [r["id"] for r in found]
@@ -155,7 +154,7 @@ async def test_corrupt_database_is_moved_aside_and_a_fresh_one_works(tmp_path: P
     path.write_bytes(garbage)
 
     with structlog.testing.capture_logs() as logs:
-        store = LogStore(path, registry=CollectorRegistry())
+        store = LogStore(path)
     try:
         events = [e for e in logs if e["event"] == "logbook.corrupt_database_moved_aside"]
         assert len(events) == 1
@@ -187,7 +186,8 @@ async def test_cap_drops_oldest_first_counts_them_and_bounds_the_file(tmp_path: 
     group_disk_bytes = group * 4096
     registry = CollectorRegistry()
     path = tmp_path / DB_FILENAME
-    store = LogStore(path, max_bytes=cap, registry=registry)
+    store = LogStore(path, max_bytes=cap)
+    registry.register(LogbookCollector(store))
     records = [make_record(n, size=2000) for n in range(600)]
     try:
         for start in range(0, len(records), group):
@@ -212,7 +212,7 @@ async def test_cap_drops_oldest_first_counts_them_and_bounds_the_file(tmp_path: 
         store.close()
 
     # The count is persisted: a restart still knows what was lost and still has to report it.
-    reopened = LogStore(path, max_bytes=cap, registry=CollectorRegistry())
+    reopened = LogStore(path, max_bytes=cap)
     try:
         assert reopened.stats().dropped_total == dropped
         assert reopened.stats().dropped_unreported == dropped
@@ -229,7 +229,7 @@ def test_disk_full_append_does_not_raise_and_is_counted(tmp_path: Path) -> None:
         from edge_agent.logbook import LogStore
 
         async def main():
-            store = LogStore({str(tmp_path / DB_FILENAME)!r}, registry=CollectorRegistry())
+            store = LogStore({str(tmp_path / DB_FILENAME)!r})
             await store.append({{"id": "before", "time": 1}})
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -269,23 +269,38 @@ def test_disk_full_append_does_not_raise_and_is_counted(tmp_path: Path) -> None:
 
 
 async def test_append_after_close_is_counted_not_raised(tmp_path: Path) -> None:
-    store = LogStore(tmp_path / DB_FILENAME, registry=CollectorRegistry())
+    store = LogStore(tmp_path / DB_FILENAME)
     store.close()
     await store.append(make_record())
     assert store.stats().append_failures == 1
 
 
-def test_two_stores_on_the_default_registry_do_not_clash(tmp_path: Path) -> None:
+def test_a_store_registers_no_metrics_of_its_own(tmp_path: Path) -> None:
     from prometheus_client import REGISTRY
 
     a = LogStore(tmp_path / "a" / DB_FILENAME)
     b = LogStore(tmp_path / "b" / DB_FILENAME)
     try:
-        assert REGISTRY.get_sample_value("edge_agent_logbook_records") == 0
+        assert REGISTRY.get_sample_value("edge_agent_logbook_records") is None
     finally:
         a.close()
         b.close()
     assert os.path.exists(tmp_path / "a" / DB_FILENAME)
+
+
+def test_two_collectors_read_their_own_stores(tmp_path: Path) -> None:
+    a = LogStore(tmp_path / "a" / DB_FILENAME)
+    b = LogStore(tmp_path / "b" / DB_FILENAME, max_bytes=1234567)
+    first, second = CollectorRegistry(), CollectorRegistry()
+    try:
+        first.register(LogbookCollector(a))
+        second.register(LogbookCollector(b))
+        assert first.get_sample_value("edge_agent_logbook_max_bytes") == a.max_bytes
+        assert second.get_sample_value("edge_agent_logbook_max_bytes") == 1234567
+        assert first.get_sample_value("edge_agent_logbook_uploaded_records_total") == 0
+    finally:
+        a.close()
+        b.close()
 
 
 async def test_parked_records_can_be_requeued(store: LogStore) -> None:

@@ -22,7 +22,7 @@ from logbook_helpers import (
 )
 from prometheus_client import CollectorRegistry
 
-from edge_agent.logbook import LogStore, Uploader
+from edge_agent.logbook import LogbookCollector, LogStore, Uploader
 from edge_agent.logbook.collector import SINK_KEY, create_collector_app
 from edge_agent.logbook.uploader import parse_retry_after
 
@@ -106,7 +106,7 @@ async def test_500_429_413_and_a_poisoned_batch_lose_only_the_parked_batch(
     tmp_path: Path,
 ) -> None:
     registry = CollectorRegistry()
-    store = LogStore(tmp_path / "state" / "logbook.db", registry=registry)
+    store = LogStore(tmp_path / "state" / "logbook.db")
     out = tmp_path / "collected"
     app = create_collector_app(out)
     records = [make_record(n) for n in range(100)]
@@ -136,6 +136,7 @@ async def test_500_429_413_and_a_poisoned_batch_lose_only_the_parked_batch(
     port = free_port()
     runner = await serve(app, port)
     uploader = uploader_for(store, port, batch_records=20)
+    registry.register(LogbookCollector(store, uploader))
     try:
         await append_all(store, records)
         await uploader.start()
@@ -167,7 +168,7 @@ async def test_500_429_413_and_a_poisoned_batch_lose_only_the_parked_batch(
         await store.aclose()
 
     # Parked records stay on disk across a restart and are not sent again.
-    reopened = LogStore(tmp_path / "state" / "logbook.db", registry=CollectorRegistry())
+    reopened = LogStore(tmp_path / "state" / "logbook.db")
     try:
         assert reopened.stats().parked_records == len(parked)
         assert reopened.stats().pending == 0
@@ -207,7 +208,7 @@ async def test_single_record_too_large_for_the_collector_is_parked(
 
 async def test_dropped_count_travels_with_the_next_batch(tmp_path: Path) -> None:
     registry = CollectorRegistry()
-    store = LogStore(tmp_path / "logbook.db", max_bytes=128 * 1024, registry=registry)
+    store = LogStore(tmp_path / "logbook.db", max_bytes=128 * 1024)
     out = tmp_path / "collected"
     app = create_collector_app(out)
     headers: list[int] = []
@@ -221,6 +222,7 @@ async def test_dropped_count_travels_with_the_next_batch(tmp_path: Path) -> None
     port = free_port()
     runner = await serve(app, port)
     uploader = uploader_for(store, port, batch_records=500)
+    registry.register(LogbookCollector(store, uploader))
     try:
         await append_all(store, [make_record(n, size=2000) for n in range(200)])
         dropped = store.stats().dropped_total
@@ -240,7 +242,7 @@ async def test_dropped_count_travels_with_the_next_batch(tmp_path: Path) -> None
 
 async def test_restart_resumes_from_the_backlog(tmp_path: Path) -> None:
     path = tmp_path / "logbook.db"
-    first = LogStore(path, registry=CollectorRegistry())
+    first = LogStore(path)
     records = [make_record(n) for n in range(40)]
     await append_all(first, records)
     await first.aclose()  # the daemon stopped before any upload
@@ -248,7 +250,7 @@ async def test_restart_resumes_from_the_backlog(tmp_path: Path) -> None:
     out = tmp_path / "collected"
     port = free_port()
     runner = await serve(create_collector_app(out), port)
-    second = LogStore(path, registry=CollectorRegistry())
+    second = LogStore(path)
     uploader = uploader_for(second, port)
     try:
         assert second.stats().pending == 40

@@ -43,7 +43,7 @@ from edge_agent.engine.types import (
     EngineRestarted,
     EngineUnavailable,
     GenerationRequest,
-    UnsupportedParameter,
+    UnsupportedFeature,
 )
 from edge_agent.observability import ENGINE_RESTARTS
 
@@ -221,7 +221,7 @@ class LlamaCppProcessBackend(LlamaCppFront):
         for key, item in step.outputs:
             if isinstance(item, SequenceFailed):
                 error: BaseException = (
-                    UnsupportedParameter(item.param, item.message)
+                    UnsupportedFeature(item.feature, item.message)
                     if item.kind == "unsupported"
                     else BackendError(item.message)
                 )

@@ -10,7 +10,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from edge_agent.engine.types import SamplingParams, UnsupportedParameter
+from edge_agent.engine.types import SamplingParams, UnsupportedFeature
 
 # How many recent tokens the repetition penalties look back over (llama.cpp's default).
 PENALTY_LAST_N = 64
@@ -26,8 +26,8 @@ def grammar_for(params: SamplingParams) -> str | None:
     try:
         return str(json_schema_to_gbnf(constraint.schema_json))
     except Exception as exc:  # the converter raises bare Exceptions on schemas it can't do
-        raise UnsupportedParameter(
-            "response_format", f"response_format: json_schema cannot be enforced: {exc}"
+        raise UnsupportedFeature(
+            "structured_output", f"this JSON schema cannot be enforced: {exc}"
         ) from None
 
 
@@ -48,7 +48,7 @@ class SamplerChain:
             sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
             if not sampler:
                 self.free()
-                raise UnsupportedParameter("response_format", "response_format: bad grammar")
+                raise UnsupportedFeature("structured_output", "the grammar does not compile")
             add(sampler)
         if (
             params.repetition_penalty != 1.0

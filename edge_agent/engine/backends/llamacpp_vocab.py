@@ -18,7 +18,7 @@ import llama_cpp
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_agent.engine.backends.llamacpp_sampling import grammar_for
-from edge_agent.engine.types import BackendError, ChatMessage, SamplingParams, UnsupportedParameter
+from edge_agent.engine.types import BackendError, ChatMessage, SamplingParams, UnsupportedFeature
 
 
 @functools.cache
@@ -90,7 +90,7 @@ class Vocabulary:
     def detokenize(self, token_ids: Sequence[int]) -> str:
         # llama.cpp aborts the whole process on an id outside the vocabulary.
         if any(not 0 <= t < self.n_vocab for t in token_ids):
-            raise UnsupportedParameter("prompt", "prompt: token id outside the vocabulary")
+            raise UnsupportedFeature("prompt_tokens", "token id outside the vocabulary")
         return b"".join(self.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token: int) -> bytes:
@@ -117,7 +117,7 @@ class Vocabulary:
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         if self._template is None:
-            raise UnsupportedParameter("messages", "this model has no chat template")
+            raise UnsupportedFeature("chat_template", "this model has no chat template")
         try:
             return self._template.render(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
@@ -126,15 +126,13 @@ class Vocabulary:
                 eos_token=self._eos,
             )
         except jinja2.TemplateError as exc:
-            raise UnsupportedParameter("messages", f"messages: {exc}") from None
+            raise UnsupportedFeature("chat_template", f"the template refuses them: {exc}") from None
 
     def check_supported(self, params: SamplingParams) -> None:
-        grammar_for(params)  # raises UnsupportedParameter for a schema llama.cpp can't enforce
+        grammar_for(params)  # raises UnsupportedFeature for a schema llama.cpp can't enforce
         for token in params.logit_bias:
             if not 0 <= token < self.n_vocab:
-                raise UnsupportedParameter(
-                    "logit_bias", f"logit_bias: token id {token} is not in the vocabulary"
-                )
+                raise UnsupportedFeature("logit_bias", f"token id {token} is not in the vocabulary")
 
 
 def _raise_template_error(message: str) -> None:

@@ -64,7 +64,7 @@ class SequenceFailed:
 
     kind: Literal["unsupported", "backend"]
     message: str
-    param: str = ""
+    feature: str = ""  # UnsupportedFeature's, for "unsupported"
 
 
 @dataclass(slots=True)

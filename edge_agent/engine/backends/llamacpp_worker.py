@@ -44,7 +44,7 @@ from edge_agent.engine.backends.llamacpp_wire import (
     Stop,
     Submit,
 )
-from edge_agent.engine.types import BackendError, UnsupportedParameter
+from edge_agent.engine.types import BackendError, UnsupportedFeature
 
 log = structlog.get_logger(__name__)
 
@@ -167,8 +167,8 @@ class EngineServer:
                     sampler = SamplerChain(
                         engine.vocab.handle, engine.vocab.n_vocab, params, grammar_for(params)
                     )
-                except UnsupportedParameter as exc:
-                    failure = SequenceFailed("unsupported", str(exc), exc.param)
+                except UnsupportedFeature as exc:
+                    failure = SequenceFailed("unsupported", exc.message, exc.feature)
                     self.send(Step([(message.key, failure)]))
                     continue
                 sequence = SequenceState(request=message.request, sampler=sampler, key=message.key)

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
 
+from edge_agent.config import VllmOptions
 from edge_agent.engine.types import (
     BackendError,
     BackendInfo,
@@ -37,37 +37,12 @@ from edge_agent.engine.types import (
     SamplingParams,
     TokenEvent,
     TopLogprob,
-    UnsupportedParameter,
+    UnsupportedFeature,
 )
 from edge_agent.manifest import ManifestError, ModelManifest
 from edge_agent.observability import ENGINE_RESTARTS
 
 log = structlog.get_logger(__name__)
-
-
-class VllmOptions(BaseModel):
-    """Engine settings for the vLLM backend (the ``[vllm]`` section of the config)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # Share of the GPU's memory vLLM may take for weights, activations and KV cache.
-    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
-    # Tokens per sequence; None takes settings.context_size, then the manifest's.
-    max_model_len: int | None = Field(default=None, ge=64)
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    # Sequences decoded together; None takes settings.parallel.
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    dtype: str = "auto"
-    # Skip CUDA graph capture: a faster start and less memory, slower decoding.
-    enforce_eager: bool = False
-    # CONTRACT.md section 2: temperature-0 text must not depend on batching. vLLM's
-    # batch-invariant kernels give that; turning them off is the documented speed-up.
-    batch_invariant: bool = True
-    # The most top_logprobs a request may ask for (OpenAI allows 20).
-    max_logprobs: int = Field(default=20, ge=0)
-    trust_remote_code: bool = False
-    # Any other AsyncEngineArgs field, passed through as is (quantization, ...).
-    engine_args: dict[str, Any] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -160,11 +135,8 @@ def hf_model_path(manifest: ModelManifest) -> Path:
     return path if path.is_absolute() else manifest.source.parent / path
 
 
-# Our SamplingParams fields and vLLM's that differ in name from the request's parameter.
-_PARAM_NAMES = {
-    "structured_outputs": "response_format",
-    "structured_output": "response_format",
-}
+# vLLM's SamplingParams fields that differ in name from ours.
+_FEATURE_NAMES = {"structured_outputs": "structured_output"}
 _KNOWN_PARAMS = (
     "max_tokens",
     "temperature",
@@ -316,14 +288,14 @@ class VllmBackend:
     def detokenize(self, token_ids: Sequence[int]) -> str:
         tokenizer = self._require_tokenizer()
         if any(not 0 <= t < self._vocab_size for t in token_ids):
-            raise UnsupportedParameter("prompt", "prompt: token id outside the vocabulary")
+            raise UnsupportedFeature("prompt_tokens", "token id outside the vocabulary")
         # Special tokens render as nothing, as llama.cpp's pieces do.
         return str(tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         tokenizer = self._require_tokenizer()
         if getattr(tokenizer, "chat_template", None) is None:
-            raise UnsupportedParameter("messages", "this model has no chat template")
+            raise UnsupportedFeature("chat_template", "this model has no chat template")
         try:
             rendered = tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in messages],
@@ -331,7 +303,7 @@ class VllmBackend:
                 tokenize=False,
             )
         except Exception as exc:  # templates raise on roles or orders they refuse
-            raise UnsupportedParameter("messages", f"messages: {exc}") from None
+            raise UnsupportedFeature("chat_template", f"the template refuses them: {exc}") from None
         return str(rendered)
 
     def _require_tokenizer(self) -> Any:
@@ -343,29 +315,27 @@ class VllmBackend:
 
     def check_supported(self, params: SamplingParams) -> None:
         if params.logprobs is not None and params.logprobs > self._options.max_logprobs:
-            raise UnsupportedParameter(
+            raise UnsupportedFeature(
                 "logprobs",
-                f"logprobs: at most {self._options.max_logprobs} on this model",
+                f"at most {self._options.max_logprobs} on this model",
             )
         for token in params.logit_bias:
             if not 0 <= token < self._vocab_size:
-                raise UnsupportedParameter(
-                    "logit_bias", f"logit_bias: token id {token} is not in the vocabulary"
-                )
+                raise UnsupportedFeature("logit_bias", f"token id {token} is not in the vocabulary")
         constraint = params.structured_output
         if constraint is not None and constraint.kind == "json_schema":
             if constraint.schema_json is not None:
                 try:
                     json.loads(constraint.schema_json)
                 except ValueError as exc:
-                    raise UnsupportedParameter(
-                        "response_format", f"response_format: schema is not JSON: {exc}"
+                    raise UnsupportedFeature(
+                        "structured_output", f"the JSON schema is not JSON: {exc}"
                     ) from None
         if self._api is not None:
             self.sampling_params(params)  # vLLM's own range checks
 
     def sampling_params(self, params: SamplingParams) -> Any:
-        """vLLM's SamplingParams for ours; UnsupportedParameter for what vLLM refuses."""
+        """vLLM's SamplingParams for ours; UnsupportedFeature for what vLLM refuses."""
         api = self._require_api()
         kwargs: dict[str, Any] = {
             "n": 1,
@@ -388,9 +358,9 @@ class VllmBackend:
         constraint = params.structured_output
         if constraint is not None:
             if api.structured_outputs is None:
-                raise UnsupportedParameter(
-                    "response_format",
-                    f"response_format: vLLM {api.version} has no structured outputs",
+                raise UnsupportedFeature(
+                    "structured_output",
+                    f"vLLM {api.version} has no structured outputs",
                 )
             if constraint.kind == "json_schema" and constraint.schema_json is not None:
                 kwargs["structured_outputs"] = api.structured_outputs(json=constraint.schema_json)
@@ -399,7 +369,7 @@ class VllmBackend:
         try:
             return api.sampling_params(**kwargs)
         except api.validation_errors as exc:
-            raise UnsupportedParameter(_param_of(exc), str(exc)) from None
+            raise UnsupportedFeature(_feature_of(exc), str(exc)) from None
 
     def _require_api(self) -> VllmApi:
         if self._api is None:
@@ -468,13 +438,13 @@ class VllmBackend:
                         yield event
                     if finished:
                         break
-            except (BackendError, UnsupportedParameter):
+            except (BackendError, UnsupportedFeature):
                 raise
             except api.validation_errors as exc:
                 if started:
                     raise BackendError(f"vLLM failed mid-sequence: {exc}") from exc
                 # Refused on admission (a schema the grammar backend can't compile, ...).
-                raise UnsupportedParameter(_param_of(exc), str(exc)) from None
+                raise UnsupportedFeature(_feature_of(exc), str(exc)) from None
             except Exception as exc:
                 if self._is_dead(engine, exc):
                     self._engine_died(engine, exc)
@@ -579,15 +549,15 @@ def _logprobs_at(
     return chosen, top
 
 
-def _param_of(exc: BaseException) -> str:
-    """The request parameter a vLLM validation error is about, as the client named it."""
+def _feature_of(exc: BaseException) -> str:
+    """Which of our SamplingParams fields a vLLM validation error is about."""
     name = getattr(exc, "parameter", None)
     if not isinstance(name, str) or not name:
         message = str(exc)
         name = next((p for p in _KNOWN_PARAMS if message.startswith(p)), "")
         if not name and any(w in message.lower() for w in ("json", "schema", "grammar")):
             name = "structured_outputs"
-    return _PARAM_NAMES.get(name, name or "sampling")
+    return _FEATURE_NAMES.get(name, name or "sampling")
 
 
 def _loggable(kwargs: Mapping[str, Any]) -> dict[str, Any]:

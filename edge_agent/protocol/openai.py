@@ -1,4 +1,4 @@
-"""OpenAI request and response models: one place for the wire shapes (CONTRACT.md sections 2-3).
+"""The OpenAI surface: requests, responses, stream chunks, the error envelope (CONTRACT.md 2-4).
 
 Requests validate strictly (a string is not a number) but accept unknown fields,
 as vLLM does; those are ignored for generation and kept in the inference log.
@@ -250,3 +250,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, ...")
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error envelope every 4xx and 5xx answer carries (CONTRACT.md section 4)."""
+
+    error: ErrorDetail

@@ -1,0 +1,60 @@
+"""The edge surface: pipelines, deployed models, health and readiness, and where paths live."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OPENAI_PREFIX = "/infer/openai/v1"
+SPEC_PATH = "/openapi.yaml"
+# Paths that stay open when a bearer token is configured: health, metrics, this document.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", SPEC_PATH})
+
+
+class PipelineStatus(BaseModel):
+    id: str
+    status: Literal["Running", "Error"]
+
+
+class PipelineList(BaseModel):
+    pipelines: list[PipelineStatus]
+
+
+class EngineStatus(BaseModel):
+    """The engine behind the model: its CPU configuration, its process, its restarts."""
+
+    configuration: str | None = Field(
+        default=None, description="llama.cpp CPU configuration: repack, no_repack or plain"
+    )
+    reason: str | None = Field(default=None, description="why this configuration serves")
+    restarts: int = Field(default=0, description="engine processes restarted after dying")
+    pid: int | None = Field(default=None, description="the engine process, when it has one")
+    available: bool = True
+    unavailable_reason: str | None = None
+
+
+class DeployedModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    sha: str = Field(description="sha256 of the weights")
+    status: Literal["Running", "Error", "Loading"]
+    version: str
+    backend: str | None = Field(default=None, description="llamacpp or vllm")
+    engine: EngineStatus | None = None
+
+
+class DeployedModelList(BaseModel):
+    models: list[DeployedModel]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: str = Field(
+        description="ready, loading, error, restarting (the engine) or running (while draining)"
+    )
+    model: str | None = None
+    reason: str | None = None
