@@ -103,6 +103,8 @@ BAD_REQUESTS = [
         None,
     ),
     ("token id outside vocabulary", COMPLETIONS, b'{"prompt": [99999999]}', "prompt", None),
+    # Deeper than any JSON parser recurses: the log record keeps it as text, never a 500.
+    ("100,000 nested arrays", CHAT, b"[" * 100_000 + b"]" * 100_000, None, None),
     ("empty prompt list", COMPLETIONS, b'{"prompt": []}', "prompt", None),
 ]
 

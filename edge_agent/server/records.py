@@ -34,7 +34,7 @@ def request_body_for_log(raw: bytes) -> Any:
     """The body as received: parsed JSON where it parses, the text where it does not."""
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # nesting past Python's recursion limit too
         return raw.decode("utf-8", errors="replace")
 
 
