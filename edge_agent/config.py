@@ -82,6 +82,9 @@ class UploadSettings(_Section):
     max_backoff_s: float = Field(default=300.0, gt=0)
 
 
+KvCacheType = Literal["f16", "bf16", "q8_0", "q4_0"]
+
+
 class EngineSettings(_Section):
     """The llama.cpp engine process and how the daemon supervises it."""
 
@@ -160,6 +163,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # Prompt-prefix reuse across requests on a sequence slot (see engine docs).
     prefix_cache: bool = True
+    # llama.cpp's KV cache element type. A quantized type applies to the keys only: llama.cpp
+    # refuses a quantized value cache without flash attention, which stays off (docs/engine.md).
+    kv_cache_type: KvCacheType = "f16"
     state_dir: Path = Path("/var/lib/edge-agent")
     auth_token: str | None = None
     log_format: Literal["auto", "json", "console"] = "auto"

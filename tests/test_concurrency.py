@@ -158,3 +158,14 @@ async def test_healthz_answers_quickly_during_a_long_generation(make_client: Any
     assert not generation.done(), "the generation must still be running while we measure"
     assert max(latencies) < 0.05, latencies
     await generation
+
+
+async def test_a_q8_0_key_cache_keeps_greedy_text_the_same_alone_and_batched(
+    make_client: Any,
+) -> None:
+    """A quantized KV cache changes the numbers, but not batch invariance: still deterministic."""
+    client = await make_client(parallel=4, prefix_cache=False, kv_cache_type="q8_0")
+    alone = [await chat_text(client, q, 24) for q in QUESTIONS[:4]]
+    together = await asyncio.gather(*(chat_text(client, q, 24) for q in QUESTIONS[:4]))
+    assert together == alone
+    assert all(alone)

@@ -102,6 +102,7 @@ def build_backend(choice: BackendChoice, manifest: ModelManifest, settings: Sett
         "parallel": settings.parallel,
         "threads": settings.threads,
         "prefix_cache": settings.prefix_cache,
+        "kv_cache_type": settings.kv_cache_type,
         "expected_sha256": manifest.gguf.sha256 if manifest.gguf else None,
         "cpu_repack": settings.cpu_repack,
         "probe_cache": engine.probe_cache_path(),

@@ -51,6 +51,7 @@ class LlamaCppFront:
         parallel: int = 4,
         threads: int | None = None,
         prefix_cache: bool = True,
+        kv_cache_type: str = "f16",
         n_batch: int = 512,
         expected_sha256: str | None = None,
         cpu_repack: CpuRepack = "auto",
@@ -63,6 +64,7 @@ class LlamaCppFront:
         self._parallel = parallel
         self._threads = threads or os.cpu_count() or 1
         self._prefix_cache = prefix_cache
+        self._kv_cache_type = kv_cache_type
         self._n_batch = max(n_batch, parallel + 64)
         self._ladder = ladder(cpu_repack)
         self._cache = VerdictCache(probe_cache)
@@ -107,6 +109,7 @@ class LlamaCppFront:
             n_batch=self._n_batch,
             prefix_cache=self._prefix_cache,
             config=config,
+            kv_cache_type=self._kv_cache_type,
         )
 
     async def _prepare(self) -> CpuConfig:

@@ -32,6 +32,23 @@ log = structlog.get_logger(__name__)
 SELF_CHECK_PROMPT = "The capital of France is Paris. The capital of Italy is"
 
 
+# ggml's type ids (ggml.h) for the KV cache element types the settings offer.
+_GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+_QUANTIZED = {"q4_0", "q8_0"}
+
+
+def kv_cache_types(name: str) -> tuple[int, int]:
+    """(keys, values) ggml types for a KV cache type name.
+
+    Without flash attention llama.cpp refuses a quantized value cache, so a quantized
+    type quantizes the keys and the values stay f16.
+    """
+    if name not in _GGML_TYPES:
+        raise BackendError(f"unknown KV cache type {name!r}")
+    key = _GGML_TYPES[name]
+    return key, _GGML_TYPES["f16"] if name in _QUANTIZED else key
+
+
 @dataclass(frozen=True, slots=True)
 class EngineOptions:
     """What the engine is loaded with (picklable: it crosses into the engine process)."""
@@ -43,6 +60,7 @@ class EngineOptions:
     n_batch: int
     prefix_cache: bool
     config: CpuConfig
+    kv_cache_type: str = "f16"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +113,7 @@ class LlamaCppEngine:
         # Flash attention's CPU kernel tiles multi-token batches, so a prompt's KV would
         # depend on how it was split into batches and prefix reuse would change greedy text.
         ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx_params.type_k, ctx_params.type_v = kv_cache_types(options.kv_cache_type)
         ctx_params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
