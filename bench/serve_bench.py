@@ -1,8 +1,12 @@
-"""Side-by-side serving benchmark: edge-agent against llama-cpp-python's own OpenAI server.
+"""Side-by-side serving benchmark: edge-agent against llama-cpp-python's and llama.cpp's servers.
 
 One command, one run, the same model and thread count for every server:
 
-    .venv/bin/python bench/serve_bench.py [--quick]
+    .venv/bin/python bench/serve_bench.py [--quick] [--model MANIFEST]
+
+llama.cpp's own ``llama-server`` joins when bench/build_llama_server.sh has built it
+(same slots, context per slot and threads as edge-agent); ``--model`` takes a manifest
+such as the ones bench/make_bench_model.py writes for a 1B-class model.
 
 Sweeps 1, 2, 4 and 8 concurrent streaming chat clients (fixed prompts, fixed
 max_tokens, temperature 0) against each server in turn (never both at once). edge-agent
@@ -44,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
 CONCURRENCY = (1, 2, 4, 8)
 IN_PROCESS = "edge-agent in-process engine"
+LLAMA_SERVER = "llama-server"
 QUESTIONS = [
     "Tell me a story about a robot.",
     "What is the capital of France?",
@@ -74,6 +79,7 @@ class Round:
 class Results:
     machine: dict[str, Any]
     max_tokens: int
+    model: str = "smollm2-135m-instruct"
     rounds: list[Round] = field(default_factory=list)
     # The in-process ceiling, measured request by request alternating with edge-agent's.
     direct: dict[str, float] = field(default_factory=dict)
@@ -83,11 +89,21 @@ class Results:
     restart: dict[str, float] = field(default_factory=dict)
 
 
-def gguf_path() -> Path:
+def gguf_path(manifest: str = "smollm2-135m-instruct") -> Path:
     sys.path.insert(0, str(REPO))
     from edge_agent.manifest import load_manifest
 
-    return load_manifest("smollm2-135m-instruct").gguf_path()
+    return load_manifest(manifest).gguf_path()
+
+
+def cached_llama_server() -> Path | None:
+    """The binary bench/build_llama_server.sh left for this llama-cpp-python, if any."""
+    import llama_cpp
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    build = f"llama-server-{llama_cpp.__version__}"
+    path = Path(base) / "edge-agent-bench" / build / "llama-server"
+    return path if path.is_file() else None
 
 
 class RssSampler:
@@ -553,6 +569,28 @@ def targets(results: Results) -> list[tuple[str, str, Verdict]]:
             ),
         ),
     ]
+    ls1, ls8 = by.get((LLAMA_SERVER, 1)), by.get((LLAMA_SERVER, 8))
+    if ls1 is not None and ls8 is not None:
+        checks += [
+            (
+                "8 streams aggregate >= 1.1 x llama-server at 8",
+                f"{edge8.aggregate_tps:.1f} / {ls8.aggregate_tps:.1f} = "
+                f"{edge8.aggregate_tps / ls8.aggregate_tps:.2f}",
+                verdict(edge8.aggregate_tps >= 1.1 * ls8.aggregate_tps),
+            ),
+            (
+                "single stream >= 0.97 x llama-server",
+                f"{edge1.stream_tps_p50:.1f} / {ls1.stream_tps_p50:.1f} = "
+                f"{edge1.stream_tps_p50 / ls1.stream_tps_p50:.2f}",
+                verdict(edge1.stream_tps_p50 >= 0.97 * ls1.stream_tps_p50),
+            ),
+            (
+                "ttft p50 at 8 streams <= 0.5 x llama-server's",
+                f"{edge8.ttft_p50_ms:.0f} / {ls8.ttft_p50_ms:.0f} ms = "
+                f"{edge8.ttft_p50_ms / ls8.ttft_p50_ms:.2f}",
+                verdict(edge8.ttft_p50_ms <= 0.5 * ls8.ttft_p50_ms),
+            ),
+        ]
     return checks
 
 
@@ -563,7 +601,7 @@ def plot(results: Results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for server in ("edge-agent", IN_PROCESS, "llama_cpp.server"):
+    for server in ("edge-agent", IN_PROCESS, "llama_cpp.server", LLAMA_SERVER):
         rounds = [r for r in results.rounds if r.server == server]
         xs = [r.concurrency for r in rounds]
         left.plot(xs, [r.aggregate_tps for r in rounds], marker="o", label=server)
@@ -580,7 +618,7 @@ def plot(results: Results, path: Path) -> None:
     right.legend()
     machine = results.machine
     fig.suptitle(
-        f"SmolLM2-135M Q4_1, {results.max_tokens} tokens/request, "
+        f"{results.model}, {results.max_tokens} tokens/request, "
         f"{machine['cores']} cores ({machine['cpu']})",
         fontsize=9,
     )
@@ -605,12 +643,23 @@ async def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests: a sanity run")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="sweeps per server, pooled")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="a manifest name or path (bench/make_bench_model.py writes one per model)",
+    )
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        default=cached_llama_server(),
+        help="llama.cpp's llama-server binary (default: bench/build_llama_server.sh's)",
+    )
     args = parser.parse_args()
     per_client = 1 if args.quick else 3
     min_requests = 2 if args.quick else 8
     threads = os.cpu_count() or 1
-    model = gguf_path()
-    results = Results(machine=machine(), max_tokens=args.max_tokens)
+    model = gguf_path(args.model)
+    results = Results(machine=machine(), max_tokens=args.max_tokens, model=args.model)
     OUT.mkdir(parents=True, exist_ok=True)
 
     edge_env = {
@@ -624,7 +673,7 @@ async def main() -> int:
         return Server(
             name,
             [sys.executable, "-m", "edge_agent.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(port), "--state-dir", state],
+             "--port", str(port), "--state-dir", state, "--model", args.model],
             port,
             "/infer/openai/v1",
             {**edge_env, **env},
@@ -681,6 +730,28 @@ async def main() -> int:
         )[0]
     finally:
         other.stop()
+
+    if args.llama_server is None:
+        print("llama-server: not built, left out (bench/build_llama_server.sh builds it)")
+    else:
+        # The same slots, context per slot, threads and model as edge-agent's.
+        llama_server = Server(
+            LLAMA_SERVER,
+            [str(args.llama_server), "--model", str(model), "--threads", str(threads),
+             "--parallel", "8", "--ctx-size", str(8 * 4096), "--port", "18304",
+             "--host", "127.0.0.1", "--no-webui"],
+            18304,
+            "/v1",
+            {},
+        )  # fmt: skip
+        try:
+            await llama_server.wait_ready("/health")
+            print(f"{LLAMA_SERVER}:")
+            results.rounds += (
+                await sweep(llama_server, args.max_tokens, per_client, min_requests, args.repeats)
+            )[0]
+        finally:
+            llama_server.stop()
 
     print("raw llama_decode, 1 and 8 sequences:")
     results.raw = await direct.run(raw_decode, model, threads)
