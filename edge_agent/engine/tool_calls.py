@@ -1,0 +1,278 @@
+"""Tool calls in a model's text: the grammar that forces one, and the parser that finds them.
+
+Each ``ToolCallFormat`` is a syntax some family of chat templates teaches its models:
+
+- ``hermes`` (Hermes, Qwen): ``<tool_call>{"name": .., "arguments": {..}}</tool_call>``, repeated;
+- ``llama3``: ``{"name": .., "parameters": {..}}``, maybe after ``<|python_tag|>``;
+- ``mistral``: ``[TOOL_CALLS][{"name": .., "arguments": {..}}, ..]``;
+- ``generic`` (a template without tools, given them in a system message):
+  ``{"tool_call": {..}}``, ``{"tool_calls": [..]}`` or ``{"response": "<text>"}``.
+
+Whatever the format, a reply that opens with JSON holding a call to a known tool is read
+as calls too (the generic fallback), so a model that mixes conventions still gets through.
+The parser is incremental: text that cannot be markup streams out as content at once,
+text that may be the start of markup is held until it is one or cannot be.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.engine.types import StructuredOutput, ToolCall, ToolCallFormat, ToolSpec
+
+HERMES_OPEN = "<tool_call>"
+HERMES_CLOSE = "</tool_call>"
+MISTRAL_MARK = "[TOOL_CALLS]"
+LLAMA3_MARK = "<|python_tag|>"
+# Markers that switch the parser from content to a call, per format.
+_MARKERS: dict[ToolCallFormat, tuple[str, ...]] = {
+    "hermes": (HERMES_OPEN,),
+    "llama3": (LLAMA3_MARK,),
+    "mistral": (MISTRAL_MARK,),
+    "generic": (),
+}
+
+
+def tool_call_constraint(
+    fmt: ToolCallFormat, tools: Sequence[ToolSpec], *, parallel: bool
+) -> StructuredOutput:
+    """The output constraint that makes the model call one of ``tools`` in its own format,
+    with arguments that match that tool's JSON schema."""
+    arguments_key = "parameters" if fmt == "llama3" else "arguments"
+    call = {"anyOf": [_call_schema(tool, arguments_key) for tool in tools]}
+    if fmt == "hermes":
+        return StructuredOutput(
+            "json_schema",
+            json.dumps(call),
+            prefix=HERMES_OPEN + "\n",
+            suffix="\n" + HERMES_CLOSE,
+            repeat=parallel,
+        )
+    if fmt == "mistral":
+        # [TOOL_CALLS] is a control token whose text a grammar cannot match: the bare
+        # array is forced, which the parser takes as calls all the same.
+        items: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
+        if not parallel:
+            items["maxItems"] = 1
+        return StructuredOutput("json_schema", json.dumps(items))
+    if fmt == "llama3":
+        return StructuredOutput("json_schema", json.dumps(call))
+    if parallel:
+        calls = {"type": "array", "items": call, "minItems": 1}
+        reply = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
+    else:
+        reply = {"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"]}
+    return StructuredOutput("json_schema", json.dumps(reply))
+
+
+def _call_schema(tool: ToolSpec, arguments_key: str) -> dict[str, Any]:
+    parameters = dict(tool.parameters) or {"type": "object"}
+    return {
+        "type": "object",
+        # Name first: the grammar keeps this order, so the name streams before the arguments.
+        "properties": {"name": {"const": tool.name}, arguments_key: parameters},
+        "required": ["name", arguments_key],
+    }
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """Text for the reply's content."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A complete tool call, numbered from 0 in the order the model made them."""
+
+    index: int
+    call: ToolCall
+
+
+Piece = Content | Call
+
+
+class ToolCallParser:
+    """Splits one sequence's text, as it arrives, into content and tool calls."""
+
+    def __init__(self, fmt: ToolCallFormat, tool_names: Sequence[str], *, parallel: bool) -> None:
+        self._markers = _MARKERS[fmt]
+        self._names = frozenset(tool_names)
+        self._parallel = parallel
+        self._buffer = ""
+        self._mode = "text"  # text, json (a JSON value is arriving), or hermes (inside a call)
+        self._at_start = True  # nothing but whitespace yet, since the start or the last call
+        self.calls: list[ToolCall] = []
+
+    def feed(self, text: str) -> list[Piece]:
+        self._buffer += text
+        return self._drain(final=False)
+
+    def finish(self) -> list[Piece]:
+        """What is left once the sequence has ended: held text, an unclosed call."""
+        return self._drain(final=True)
+
+    def _drain(self, *, final: bool) -> list[Piece]:
+        out: list[Piece] = []
+        while True:
+            if self._mode == "text":
+                if not self._text_step(out, final):
+                    break
+            elif self._mode == "json":
+                if not self._json_step(out, final):
+                    break
+            elif not self._hermes_step(out, final):
+                break
+        return out
+
+    def _text_step(self, out: list[Piece], final: bool) -> bool:
+        found = [(self._buffer.find(m), m) for m in self._markers if m in self._buffer]
+        at, marker = min(found) if found else (-1, "")
+        if self._at_start:
+            stripped = self._buffer.lstrip()
+            lead = len(self._buffer) - len(stripped)
+            if not stripped:
+                if final:
+                    if not self.calls:
+                        self._content(out, self._buffer)
+                    self._buffer = ""
+                return False
+            if at == lead:
+                self._buffer = stripped  # whitespace before a call is no content
+                at = 0
+            elif not final and _held_back(stripped, self._markers) == len(stripped):
+                return False  # "[TOOL" may become a marker
+            elif stripped[0] in "{[" and at < 0:
+                self._buffer, self._mode = stripped, "json"
+                return True
+        if marker:
+            self._content(out, self._buffer[:at])
+            self._buffer = self._buffer[at + len(marker) :]
+            self._mode = "hermes" if marker == HERMES_OPEN else "json"
+            self._at_start = False
+            return True
+        keep = 0 if final else _held_back(self._buffer, self._markers)
+        self._content(out, self._buffer[: len(self._buffer) - keep])
+        self._buffer = self._buffer[len(self._buffer) - keep :]
+        return False
+
+    def _json_step(self, out: list[Piece], final: bool) -> bool:
+        text = self._buffer.lstrip()
+        if not text:
+            return False
+        try:
+            value, end = json.JSONDecoder().raw_decode(text)
+        except ValueError:
+            if not final:
+                return False  # incomplete, or not JSON after all: the end will tell
+            self._mode = "text"
+            self._at_start = False
+            self._content(out, self._buffer)
+            self._buffer = ""
+            return False
+        pieces = self._interpret(value)
+        self._buffer = text[end:].lstrip(";")  # Llama 3 separates several calls with ';'
+        self._mode = "text"
+        self._settle(out, pieces, fallback=text[:end])
+        return True
+
+    def _hermes_step(self, out: list[Piece], final: bool) -> bool:
+        close = self._buffer.find(HERMES_CLOSE)
+        if close < 0 and not final:
+            return False
+        body = self._buffer if close < 0 else self._buffer[:close]
+        self._buffer = "" if close < 0 else self._buffer[close + len(HERMES_CLOSE) :]
+        self._mode = "text"
+        try:
+            pieces = self._interpret(json.loads(body))
+        except ValueError:
+            pieces = None
+        # Not a call after all: the model's text, markup included, is its content.
+        self._settle(out, pieces, fallback=HERMES_OPEN + body)
+        return True
+
+    def _settle(self, out: list[Piece], pieces: list[Piece] | None, *, fallback: str) -> None:
+        if pieces is None:
+            self._content(out, fallback)
+            return
+        out.extend(pieces)
+        # Whitespace between calls is no content; another call may follow it.
+        self._at_start = any(isinstance(piece, Call) for piece in pieces)
+
+    def _content(self, out: list[Piece], text: str) -> None:
+        if text:
+            out.append(Content(text))
+            if text.strip():
+                self._at_start = False
+
+    def _interpret(self, value: Any) -> list[Piece] | None:
+        """The calls (or a generic ``response``) a JSON value holds; None if it is neither."""
+        if isinstance(value, dict) and set(value) == {"response"}:
+            reply = value["response"]
+            return [Content(reply if isinstance(reply, str) else json.dumps(reply))]
+        found = _calls_in(value)
+        if not found or any(name not in self._names for name, _ in found):
+            return None
+        pieces: list[Piece] = []
+        for name, arguments in found:
+            if self.calls and not self._parallel:
+                break  # parallel_tool_calls false: the first call only
+            call = ToolCall(new_call_id(), name, arguments)
+            pieces.append(Call(len(self.calls), call))
+            self.calls.append(call)
+        return pieces
+
+
+def _calls_in(value: Any) -> list[tuple[str, str]] | None:
+    if isinstance(value, list):
+        calls = [_one_call(item) for item in value]
+        if not calls or any(c is None for c in calls):
+            return None
+        return [c for c in calls if c is not None]
+    if isinstance(value, dict):
+        if isinstance(value.get("tool_calls"), list) and len(value) == 1:
+            return _calls_in(value["tool_calls"])
+        if "tool_call" in value and len(value) == 1:
+            value = value["tool_call"]
+        one = _one_call(value)
+        return None if one is None else [one]
+    return None
+
+
+def _one_call(value: Any) -> tuple[str, str] | None:
+    if not isinstance(value, dict):
+        return None
+    if isinstance(value.get("function"), dict):  # OpenAI's own shape, echoed back
+        value = value["function"]
+    name = value.get("name")
+    arguments = value.get("arguments", value.get("parameters"))
+    if not isinstance(name, str):
+        return None
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return name, json.dumps(arguments, ensure_ascii=False)
+
+
+def _held_back(text: str, markers: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` could begin a marker."""
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), 0, -1):
+            if marker.startswith(text[-size:]):
+                longest = max(longest, size)
+                break
+    return longest
