@@ -50,10 +50,11 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> CompletionRequest | ChatCom
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise _as_invalid_request(exc) from None
+        raise as_invalid_request(exc) from None
 
 
-def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
+def as_invalid_request(exc: ValidationError) -> InvalidRequest:
+    """A validation failure as the 400 a client gets: the first error, naming its field."""
     first = exc.errors()[0]
     if first["type"] == "json_invalid":
         return InvalidRequest(f"request body is not valid JSON: {first['msg']}")
@@ -191,7 +192,7 @@ def _prompts_as_tokens(
     request: CompletionRequest | ChatCompletionRequest, backend: Backend, tools: ToolUse | None
 ) -> list[tuple[str, list[int]]]:
     if isinstance(request, ChatCompletionRequest):
-        messages = chat_messages(request)
+        messages = chat_messages(request.messages)
         text = backend.render_chat(messages, tools=tools.tools if tools else ())
         return [(text, backend.tokenize(text, add_special=False, parse_special=True))]
     prompt = request.prompt

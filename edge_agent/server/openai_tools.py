@@ -8,6 +8,7 @@ tools' schemas, so the arguments always match them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edge_agent.engine.tool_calls import tool_call_constraint
@@ -20,7 +21,7 @@ from edge_agent.engine.types import (
     ToolSpec,
 )
 from edge_agent.errors import InvalidRequest
-from edge_agent.protocol.openai import ChatCompletionRequest, NamedToolChoice
+from edge_agent.protocol.openai import ChatCompletionRequest, Message, NamedToolChoice
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,10 @@ class ToolUse:
         return [tool.name for tool in self.tools]
 
 
-def chat_messages(request: ChatCompletionRequest) -> list[ChatMessage]:
+def chat_messages(conversation: Sequence[Message]) -> list[ChatMessage]:
     """The conversation for the engine; a tool result must say which call it answers."""
     messages: list[ChatMessage] = []
-    for i, message in enumerate(request.messages):
+    for i, message in enumerate(conversation):
         if message.role == "tool" and not message.tool_call_id:
             raise InvalidRequest(
                 f"messages[{i}].tool_call_id: required in a tool message",
