@@ -84,9 +84,10 @@ def tool_call_format_of(source: str) -> ToolCallFormat:
 
 
 def _function_dict(tool: ToolSpec) -> dict[str, Any]:
-    function: dict[str, Any] = {"name": tool.name, "parameters": dict(tool.parameters)}
+    function: dict[str, Any] = {"name": tool.name}
     if tool.description:
         function["description"] = tool.description
+    function["parameters"] = dict(tool.parameters)
     return {"type": "function", "function": function}
 
 
