@@ -43,40 +43,78 @@ def tool_call_constraint(
     """The output constraint that makes the model call one of ``tools`` in its own format,
     with arguments that match that tool's JSON schema."""
     arguments_key = "parameters" if fmt == "llama3" else "arguments"
-    call = {"anyOf": [_call_schema(tool, arguments_key) for tool in tools]}
+    defs: dict[str, Any] = {}
+    call = {
+        "anyOf": [
+            _call_schema(tool, arguments_key, defs, tag=f"tool-{i}") for i, tool in enumerate(tools)
+        ]
+    }
+    schema: dict[str, Any]
+    if fmt == "hermes" or fmt == "llama3":
+        schema = call
+    elif fmt == "mistral":
+        # [TOOL_CALLS] is a control token whose text a grammar cannot match: the bare
+        # array is forced, which the parser takes as calls all the same.
+        schema = {"type": "array", "items": call, "minItems": 1}
+        if not parallel:
+            schema["maxItems"] = 1
+    elif parallel:
+        calls = {"type": "array", "items": call, "minItems": 1}
+        schema = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
+    else:
+        schema = {"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"]}
+    if defs:
+        schema = {**schema, "$defs": defs}
     if fmt == "hermes":
         return StructuredOutput(
             "json_schema",
-            json.dumps(call),
+            json.dumps(schema),
             prefix=HERMES_OPEN + "\n",
             suffix="\n" + HERMES_CLOSE,
             repeat=parallel,
         )
-    if fmt == "mistral":
-        # [TOOL_CALLS] is a control token whose text a grammar cannot match: the bare
-        # array is forced, which the parser takes as calls all the same.
-        items: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
-        if not parallel:
-            items["maxItems"] = 1
-        return StructuredOutput("json_schema", json.dumps(items))
-    if fmt == "llama3":
-        return StructuredOutput("json_schema", json.dumps(call))
-    if parallel:
-        calls = {"type": "array", "items": call, "minItems": 1}
-        reply = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
-    else:
-        reply = {"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"]}
-    return StructuredOutput("json_schema", json.dumps(reply))
+    return StructuredOutput("json_schema", json.dumps(schema))
 
 
-def _call_schema(tool: ToolSpec, arguments_key: str) -> dict[str, Any]:
+def _call_schema(
+    tool: ToolSpec, arguments_key: str, defs: dict[str, Any], *, tag: str
+) -> dict[str, Any]:
     parameters = dict(tool.parameters) or {"type": "object"}
+    if _has_local_ref(parameters):
+        # The tool's "#/..." references meant its own schema, which is now nested: keep a
+        # copy under the root's $defs and point them there.
+        parameters = _rebased(parameters, f"#/$defs/{tag}")
+        defs[tag] = parameters
     return {
         "type": "object",
         # Name first: the grammar keeps this order, so the name streams before the arguments.
         "properties": {"name": {"const": tool.name}, arguments_key: parameters},
         "required": ["name", arguments_key],
     }
+
+
+def _has_local_ref(node: Any) -> bool:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            return True
+        return any(_has_local_ref(value) for value in node.values())
+    if isinstance(node, list):
+        return any(_has_local_ref(item) for item in node)
+    return False
+
+
+def _rebased(node: Any, base: str) -> Any:
+    if isinstance(node, dict):
+        return {
+            key: base + value[1:]
+            if key == "$ref" and isinstance(value, str) and value.startswith("#")
+            else _rebased(value, base)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_rebased(item, base) for item in node]
+    return node
 
 
 def new_call_id() -> str:

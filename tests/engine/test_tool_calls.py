@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 
 from edge_agent.engine.tool_calls import (
@@ -159,3 +160,23 @@ def test_the_llama3_constraint_names_the_arguments_parameters() -> None:
     assert constraint.schema_json is not None
     call = json.loads(constraint.schema_json)["anyOf"][0]
     assert call["required"] == ["name", "parameters"]
+
+
+def test_a_tools_own_references_still_resolve_inside_the_constraint() -> None:
+    address = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    parameters = {
+        "$defs": {"Address": address},
+        "type": "object",
+        "properties": {"home": {"$ref": "#/$defs/Address"}},
+        "required": ["home"],
+    }
+    constraint = tool_call_constraint(
+        "generic", [ToolSpec("where", None, parameters)], parallel=False
+    )
+    assert constraint.schema_json is not None
+    schema = json.loads(constraint.schema_json)
+    good = {"tool_call": {"name": "where", "arguments": {"home": {"city": "Oslo"}}}}
+    bad = {"tool_call": {"name": "where", "arguments": {"home": {"town": "Oslo"}}}}
+    jsonschema.validate(good, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
