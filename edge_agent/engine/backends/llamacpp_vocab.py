@@ -139,7 +139,14 @@ class Vocabulary:
         )
 
     def check_supported(self, params: SamplingParams) -> None:
-        grammar_for(params)  # raises UnsupportedFeature for a schema llama.cpp can't enforce
+        grammar = grammar_for(params)  # raises UnsupportedFeature for a schema it can't convert
+        if grammar is not None:
+            # Compiled here too, so a grammar llama.cpp refuses is a 400 before admission,
+            # named after the request field it came from, not a failure in the engine.
+            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            if not sampler:
+                raise UnsupportedFeature("structured_output", "the grammar does not compile")
+            llama_cpp.llama_sampler_free(sampler)
         for token in params.logit_bias:
             if not 0 <= token < self.n_vocab:
                 raise UnsupportedFeature("logit_bias", f"token id {token} is not in the vocabulary")
