@@ -11,12 +11,14 @@ Each ``ToolCallFormat`` is a syntax some family of chat templates teaches its mo
 Whatever the format, a reply that opens with JSON holding a call to a known tool is read
 as calls too (the generic fallback), so a model that mixes conventions still gets through.
 The parser is incremental: text that cannot be markup streams out as content at once,
-text that may be the start of markup is held until it is one or cannot be.
+text that may be the start of markup is held until it is one or cannot be, and a call's
+arguments stream out as they arrive once its name is known.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,18 +131,63 @@ class Content:
 
 
 @dataclass(frozen=True, slots=True)
-class Call:
-    """A complete tool call, numbered from 0 in the order the model made them."""
+class CallStart:
+    """A tool call begins: its number (from 0, in the order made), id and function name."""
 
     index: int
-    call: ToolCall
+    id: str
+    name: str
 
 
-Piece = Content | Call
+@dataclass(frozen=True, slots=True)
+class CallArguments:
+    """The next fragment of call ``index``'s arguments (JSON text)."""
+
+    index: int
+    text: str
+
+
+Piece = Content | CallStart | CallArguments
+
+# The head of a call as the grammar (and most models) write it: the name, then the
+# arguments object opening. Names are [A-Za-z0-9_-] by the request's own validation.
+_CALL_HEAD = (
+    r'\{\s*"name"\s*:\s*"(?P<name>[A-Za-z0-9_-]{1,64})"\s*,\s*'
+    r'"(?:arguments|parameters)"\s*:\s*(?=\{)'
+)
+_FIRST_HEAD = re.compile(
+    r'(?:\{\s*"tool_call"\s*:\s*|(?P<list>\{\s*"tool_calls"\s*:\s*\[\s*|\[\s*))?' + _CALL_HEAD
+)
+_NEXT_HEAD = re.compile(r"\}\s*,\s*" + _CALL_HEAD)  # after a call's arguments, in a list
+
+
+@dataclass
+class _OpenCall:
+    id: str
+    name: str
+    arguments: list[str]
+
+
+@dataclass
+class _ValueScan:
+    """How far the streaming of calls out of an unfinished JSON value has got."""
+
+    position: int = 0
+    in_arguments: bool = False
+    in_list: bool = False
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+    streamed: int = 0  # calls started from this value
 
 
 class ToolCallParser:
-    """Splits one sequence's text, as it arrives, into content and tool calls."""
+    """Splits one sequence's text, as it arrives, into content and tool calls.
+
+    A call is announced (``CallStart``) as soon as its name is complete, and its
+    arguments follow as they are generated (``CallArguments``). A JSON value that turns
+    out not to be a call once it closes is content.
+    """
 
     def __init__(self, fmt: ToolCallFormat, tool_names: Sequence[str], *, parallel: bool) -> None:
         self._markers = _MARKERS[fmt]
@@ -149,7 +196,13 @@ class ToolCallParser:
         self._buffer = ""
         self._mode = "text"  # text, json (a JSON value is arriving), or hermes (inside a call)
         self._at_start = True  # nothing but whitespace yet, since the start or the last call
-        self.calls: list[ToolCall] = []
+        self._scan = _ValueScan()
+        self._calls: list[_OpenCall] = []
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The calls made so far (the last one's arguments may still be arriving)."""
+        return [ToolCall(c.id, c.name, "".join(c.arguments)) for c in self._calls]
 
     def feed(self, text: str) -> list[Piece]:
         self._buffer += text
@@ -172,6 +225,9 @@ class ToolCallParser:
                 break
         return out
 
+    def _enter(self, mode: str, buffer: str) -> None:
+        self._mode, self._buffer, self._scan = mode, buffer.lstrip(), _ValueScan()
+
     def _text_step(self, out: list[Piece], final: bool) -> bool:
         found = [(self._buffer.find(m), m) for m in self._markers if m in self._buffer]
         at, marker = min(found) if found else (-1, "")
@@ -180,7 +236,7 @@ class ToolCallParser:
             lead = len(self._buffer) - len(stripped)
             if not stripped:
                 if final:
-                    if not self.calls:
+                    if not self._calls:
                         self._content(out, self._buffer)
                     self._buffer = ""
                 return False
@@ -190,13 +246,14 @@ class ToolCallParser:
             elif not final and _held_back(stripped, self._markers) == len(stripped):
                 return False  # "[TOOL" may become a marker
             elif stripped[0] in "{[" and at < 0:
-                self._buffer, self._mode = stripped, "json"
+                self._enter("json", stripped)
                 return True
         if marker:
             self._content(out, self._buffer[:at])
-            self._buffer = self._buffer[at + len(marker) :]
-            self._mode = "hermes" if marker == HERMES_OPEN else "json"
             self._at_start = False
+            self._enter(
+                "hermes" if marker == HERMES_OPEN else "json", self._buffer[at + len(marker) :]
+            )
             return True
         keep = 0 if final else _held_back(self._buffer, self._markers)
         self._content(out, self._buffer[: len(self._buffer) - keep])
@@ -204,47 +261,93 @@ class ToolCallParser:
         return False
 
     def _json_step(self, out: list[Piece], final: bool) -> bool:
-        text = self._buffer.lstrip()
+        self._buffer = self._buffer.lstrip()
+        text = self._buffer
         if not text:
             return False
         try:
             value, end = json.JSONDecoder().raw_decode(text)
         except ValueError:
+            self._stream_calls(text, out)
             if not final:
                 return False  # incomplete, or not JSON after all: the end will tell
             self._mode = "text"
-            self._at_start = False
-            self._content(out, self._buffer)
             self._buffer = ""
+            if not self._scan.streamed:
+                self._content(out, text)
             return False
-        pieces = self._interpret(value)
+        self._stream_calls(text[:end], out)
         self._buffer = text[end:].lstrip(";")  # Llama 3 separates several calls with ';'
         self._mode = "text"
-        self._settle(out, pieces, fallback=text[:end])
+        self._settle(out, value, fallback=text[:end])
         return True
 
     def _hermes_step(self, out: list[Piece], final: bool) -> bool:
+        self._buffer = self._buffer.lstrip()
         close = self._buffer.find(HERMES_CLOSE)
+        body = self._buffer if close < 0 else self._buffer[:close]
+        self._stream_calls(body, out)
         if close < 0 and not final:
             return False
-        body = self._buffer if close < 0 else self._buffer[:close]
         self._buffer = "" if close < 0 else self._buffer[close + len(HERMES_CLOSE) :]
         self._mode = "text"
         try:
-            pieces = self._interpret(json.loads(body))
+            value = json.loads(body)
         except ValueError:
-            pieces = None
+            value = None
         # Not a call after all: the model's text, markup included, is its content.
-        self._settle(out, pieces, fallback=HERMES_OPEN + body)
+        self._settle(out, value, fallback=HERMES_OPEN + body)
         return True
 
-    def _settle(self, out: list[Piece], pieces: list[Piece] | None, *, fallback: str) -> None:
-        if pieces is None:
+    def _stream_calls(self, text: str, out: list[Piece]) -> None:
+        """Announce calls and pass on their arguments as far as ``text`` has them."""
+        scan = self._scan
+        while scan.position < len(text):
+            if not scan.in_arguments:
+                if scan.streamed and not scan.in_list:
+                    return
+                head = (_NEXT_HEAD if scan.streamed else _FIRST_HEAD).match(text, scan.position)
+                if head is None or head["name"] not in self._names:
+                    return
+                if self._calls and not self._parallel:
+                    return
+                if not scan.streamed:
+                    scan.in_list = bool(head.groupdict().get("list"))
+                call = _OpenCall(new_call_id(), head["name"], [])
+                out.append(CallStart(len(self._calls), call.id, call.name))
+                self._calls.append(call)
+                scan.streamed += 1
+                scan.position, scan.in_arguments, scan.depth = head.end(), True, 0
+                continue
+            start = scan.position
+            scan.position = _scan_json(text, scan)
+            fragment = text[start : scan.position]
+            if fragment:
+                self._calls[-1].arguments.append(fragment)
+                out.append(CallArguments(len(self._calls) - 1, fragment))
+
+    def _settle(self, out: list[Piece], value: Any, *, fallback: str) -> None:
+        """A JSON value (or call body) has closed: its calls, or its text as content."""
+        streamed, self._scan = self._scan.streamed, _ValueScan()
+        if streamed:
+            self._at_start = True  # announced as they came; whitespace may precede another
+            return
+        if isinstance(value, dict) and set(value) == {"response"}:
+            reply = value["response"]
+            self._content(out, reply if isinstance(reply, str) else json.dumps(reply))
+            return
+        found = _calls_in(value)
+        if not found or any(name not in self._names for name, _ in found):
             self._content(out, fallback)
             return
-        out.extend(pieces)
-        # Whitespace between calls is no content; another call may follow it.
-        self._at_start = any(isinstance(piece, Call) for piece in pieces)
+        for name, arguments in found:
+            if self._calls and not self._parallel:
+                break  # parallel_tool_calls false: the first call only
+            call = _OpenCall(new_call_id(), name, [arguments])
+            out.append(CallStart(len(self._calls), call.id, name))
+            out.append(CallArguments(len(self._calls), arguments))
+            self._calls.append(call)
+        self._at_start = True  # whitespace between calls is no content
 
     def _content(self, out: list[Piece], text: str) -> None:
         if text:
@@ -252,22 +355,28 @@ class ToolCallParser:
             if text.strip():
                 self._at_start = False
 
-    def _interpret(self, value: Any) -> list[Piece] | None:
-        """The calls (or a generic ``response``) a JSON value holds; None if it is neither."""
-        if isinstance(value, dict) and set(value) == {"response"}:
-            reply = value["response"]
-            return [Content(reply if isinstance(reply, str) else json.dumps(reply))]
-        found = _calls_in(value)
-        if not found or any(name not in self._names for name, _ in found):
-            return None
-        pieces: list[Piece] = []
-        for name, arguments in found:
-            if self.calls and not self._parallel:
-                break  # parallel_tool_calls false: the first call only
-            call = ToolCall(new_call_id(), name, arguments)
-            pieces.append(Call(len(self.calls), call))
-            self.calls.append(call)
-        return pieces
+
+def _scan_json(text: str, scan: _ValueScan) -> int:
+    """Follow an arguments object from ``scan.position``; where it ends, or the text does."""
+    for i in range(scan.position, len(text)):
+        char = text[i]
+        if scan.in_string:
+            if scan.escaped:
+                scan.escaped = False
+            elif char == "\\":
+                scan.escaped = True
+            elif char == '"':
+                scan.in_string = False
+        elif char == '"':
+            scan.in_string = True
+        elif char in "{[":
+            scan.depth += 1
+        elif char in "}]":
+            scan.depth -= 1
+            if scan.depth == 0:
+                scan.in_arguments = False
+                return i + 1
+    return len(text)
 
 
 def _calls_in(value: Any) -> list[tuple[str, str]] | None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from edge_agent.engine.scheduler import GenerationClock, Step
-from edge_agent.engine.tool_calls import Content, Piece, ToolCallParser
+from edge_agent.engine.tool_calls import CallStart, Content, Piece, ToolCallParser
 from edge_agent.engine.types import Backend, FinishReason
 from edge_agent.protocol.openai import (
     AssistantMessage,
@@ -208,8 +208,8 @@ class ChatResponses(ResponseBuilder):
     """``chat.completion`` objects: the assistant's role first, then content deltas.
 
     With tools, each choice's text goes through a ``ToolCallParser``: content deltas carry
-    only what cannot be call markup, and each call is sent as soon as it is complete, its
-    ``id`` and ``function.name`` in one delta and its arguments in the next.
+    only what cannot be call markup; a call's ``id`` and ``function.name`` go out in one
+    delta as soon as the name is complete, its arguments in fragments as they come.
     """
 
     id_prefix = "chatcmpl-"
@@ -347,26 +347,12 @@ class ChatResponses(ResponseBuilder):
 def _piece_deltas(piece: Piece) -> list[ChatDelta]:
     if isinstance(piece, Content):
         return [ChatDelta(content=piece.text)]
-    call = piece.call
-    return [
-        ChatDelta(
-            tool_calls=[
-                ToolCallDelta(
-                    index=piece.index,
-                    id=call.id,
-                    type="function",
-                    function=FunctionCallDelta(name=call.name, arguments=""),
-                )
-            ]
-        ),
-        ChatDelta(
-            tool_calls=[
-                ToolCallDelta(
-                    index=piece.index, function=FunctionCallDelta(arguments=call.arguments)
-                )
-            ]
-        ),
-    ]
+    if isinstance(piece, CallStart):
+        function = FunctionCallDelta(name=piece.name, arguments="")
+        call = ToolCallDelta(index=piece.index, id=piece.id, type="function", function=function)
+    else:
+        call = ToolCallDelta(index=piece.index, function=FunctionCallDelta(arguments=piece.text))
+    return [ChatDelta(tool_calls=[call])]
 
 
 def response_builder(

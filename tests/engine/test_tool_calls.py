@@ -8,7 +8,8 @@ import jsonschema
 import pytest
 
 from edge_agent.engine.tool_calls import (
-    Call,
+    CallArguments,
+    CallStart,
     Content,
     Piece,
     ToolCallParser,
@@ -35,9 +36,13 @@ def content(pieces: list[Piece]) -> str:
 
 
 def calls(pieces: list[Piece]) -> list[tuple[int, str, dict[str, object]]]:
-    return [
-        (p.index, p.call.name, json.loads(p.call.arguments)) for p in pieces if isinstance(p, Call)
-    ]
+    """The calls the pieces announce, their arguments reassembled from the fragments."""
+    names = {p.index: p.name for p in pieces if isinstance(p, CallStart)}
+    arguments = {i: "" for i in names}
+    for piece in pieces:
+        if isinstance(piece, CallArguments):
+            arguments[piece.index] += piece.text
+    return [(i, names[i], json.loads(arguments[i])) for i in sorted(names)]
 
 
 CASES = [
@@ -70,6 +75,31 @@ def test_streamed_text_parses_as_the_whole_does(fmt: ToolCallFormat, text: str) 
 def test_the_generic_json_is_read_whatever_the_format(fmt: ToolCallFormat) -> None:
     assert calls(parse(fmt, json.dumps({"tool_call": WEATHER}))) == [
         (0, "get_weather", {"city": "Paris"})
+    ]
+
+
+def test_a_call_is_announced_before_its_arguments_are_complete() -> None:
+    parser = ToolCallParser("generic", NAMES, parallel=True)
+    pieces = parser.feed('{"tool_call": {"name": "get_weather", "arguments": {"ci')
+    assert isinstance(pieces[0], CallStart) and pieces[0].name == "get_weather"
+    assert pieces[1:] == [CallArguments(0, '{"ci')]
+    assert parser.feed('ty": "Paris"}') == [CallArguments(0, 'ty": "Paris"}')]
+    assert parser.feed("}}") == []
+    assert parser.finish() == []
+    [call] = parser.calls
+    assert call.id == pieces[0].id and call.arguments == '{"city": "Paris"}'
+
+
+def test_braces_inside_argument_strings_do_not_end_the_arguments() -> None:
+    text = json.dumps({"tool_call": {"name": "add", "arguments": {"a": '}{]"', "b": 1}}})
+    assert calls(parse("generic", text)) == [(0, "add", {"a": '}{]"', "b": 1})]
+
+
+def test_parsers_calls_match_the_pieces() -> None:
+    parser = ToolCallParser("hermes", NAMES, parallel=True)
+    pieces = parser.feed(f"<tool_call>\n{json.dumps(WEATHER)}\n</tool_call>") + parser.finish()
+    assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == [
+        (name, args) for _, name, args in calls(pieces)
     ]
 
 
