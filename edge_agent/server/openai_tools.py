@@ -72,9 +72,10 @@ def tool_use(request: ChatCompletionRequest, backend: Backend) -> ToolUse | None
     """The request's tool use, or None when it offers no tools (or ``tool_choice`` is none)."""
     choice = request.tool_choice
     if not request.tools:
-        if choice not in (None, "none"):
+        # "auto" with nothing to call is harmless (agent frameworks send it); a forced call is not.
+        if choice not in (None, "none", "auto"):
             raise InvalidRequest(
-                "tool_choice: only allowed when tools are given", param="tool_choice"
+                "tool_choice: a required or named call needs tools", param="tool_choice"
             )
         return None
     if choice == "none":
