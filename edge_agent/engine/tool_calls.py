@@ -60,11 +60,14 @@ def tool_call_constraint(
         schema = {"type": "array", "items": call, "minItems": 1}
         if not parallel:
             schema["maxItems"] = 1
-    elif parallel:
-        calls = {"type": "array", "items": call, "minItems": 1}
-        schema = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
     else:
         schema = {"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"]}
+        if parallel:
+            # Both shapes the system message offers: a small model given only the list
+            # tends to go on adding calls until max_tokens; one call is its own choice.
+            calls = {"type": "array", "items": call, "minItems": 1}
+            several = {"type": "object", "properties": {"tool_calls": calls}}
+            schema = {"anyOf": [schema, {**several, "required": ["tool_calls"]}]}
     if defs:
         schema = {**schema, "$defs": defs}
     if fmt == "hermes":
