@@ -150,7 +150,8 @@ async def prepare(
             try:
                 backend.check_supported(sampling)
             except UnsupportedFeature as exc:
-                if tools is not None and tools.forced is not None:
+                forced = tools is not None and tools.forced is not None
+                if forced and exc.feature == "structured_output":
                     # The grammar came from the tools' schemas, not from response_format.
                     exc = UnsupportedFeature("tools", exc.message)
                 raise as_api_error(exc, prompt_param=_prompt_param(request)) from None
