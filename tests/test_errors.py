@@ -119,6 +119,14 @@ BAD_REQUESTS = [
         None,
     ),
     (
+        "forced call with a schema no grammar can enforce",
+        CHAT,
+        b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required", '
+        b'"tools": [{"type": "function", "function": {"name": "f", "parameters": {"": null}}}]}',
+        "tools",
+        None,
+    ),
+    (
         "tool name with a space",
         CHAT,
         b'{"messages": [{"role": "user", "content": "x"}], '
