@@ -51,8 +51,20 @@ class InvalidRequest(ApiError):
 
 
 class ContextLengthExceeded(InvalidRequest):
-    def __init__(self, message: str, *, param: str | None = "messages") -> None:
+    """Carries the prompt's length and the window, so a client can trim without parsing text."""
+
+    def __init__(
+        self, message: str, *, n_prompt_tokens: int, n_ctx: int, param: str | None = "messages"
+    ) -> None:
         super().__init__(message, param=param, code="context_length_exceeded")
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx
+
+    def envelope(self) -> ErrorResponse:
+        response = super().envelope()
+        response.error.n_prompt_tokens = self.n_prompt_tokens
+        response.error.n_ctx = self.n_ctx
+        return response
 
 
 class OpenAIDisabled(InvalidRequest):

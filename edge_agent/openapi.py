@@ -43,6 +43,13 @@ from edge_agent.protocol.openai import (
     ErrorResponse,
     ModelList,
 )
+from edge_agent.protocol.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizePromptRequest,
+    TokenizeResponse,
+)
 
 OPENAPI_VERSION = "3.1.1"
 YAML_CONTENT_TYPE = "application/yaml"
@@ -73,6 +80,11 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (Readiness, "serialization"),
     (LogPage, "serialization"),
     (ErrorResponse, "serialization"),
+    (TokenizePromptRequest, "validation"),
+    (TokenizeChatRequest, "validation"),
+    (TokenizeResponse, "serialization"),
+    (DetokenizeRequest, "validation"),
+    (DetokenizeResponse, "serialization"),
 ]
 
 
@@ -192,6 +204,7 @@ def _inference_operation(
     chunk: type[BaseModel],
     example: dict[str, Any],
     stream_example: dict[str, Any],
+    more_examples: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "operationId": operation_id,
@@ -209,6 +222,7 @@ def _inference_operation(
                     "examples": {
                         "basic": {"summary": "one answer", "value": example},
                         "stream": {"summary": "token streaming", "value": stream_example},
+                        **(more_examples or {}),
                     },
                 }
             },
@@ -224,6 +238,26 @@ def _inference_operation(
             **_errors("400", "405", "413", "429", "500", "503", "504"),
         },
     }
+
+
+_TOOL_EXAMPLE: dict[str, Any] = {
+    "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Current weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 20}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ],
+    "tool_choice": "required",
+}
 
 
 def _openai_paths(model_name: str) -> dict[str, Any]:
@@ -255,6 +289,12 @@ def _openai_paths(model_name: str) -> dict[str, Any]:
                 chunk=ChatCompletionChunk,
                 example=chat,
                 stream_example={**chat, "stream": True},
+                more_examples={
+                    "tools": {
+                        "summary": "a forced tool call",
+                        "value": {**chat, **_TOOL_EXAMPLE, "max_tokens": 48},
+                    }
+                },
             )
         },
         f"{OPENAI_PREFIX}/models": {
@@ -331,8 +371,57 @@ def _get(operation_id: str, summary: str, responses: dict[str, Any]) -> dict[str
     }
 
 
+def _post_json(
+    operation_id: str,
+    summary: str,
+    *,
+    request: dict[str, Any],
+    example: dict[str, Any],
+    response: type[BaseModel],
+) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": operation_id,
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": request,
+                        "examples": {"basic": {"summary": summary, "value": example}},
+                    }
+                },
+            },
+            "responses": {
+                "200": {"description": summary, "content": _json(_ref(response))},
+                **_errors("400", "405", "413", "500", "503"),
+            },
+        }
+    }
+
+
+def _tokenizer_paths() -> dict[str, Any]:
+    return {
+        "/tokenize": _post_json(
+            "tokenize",
+            "Token ids of a prompt, or of chat messages through the chat template",
+            request={"anyOf": [_ref(TokenizePromptRequest), _ref(TokenizeChatRequest)]},
+            example={"messages": [{"role": "user", "content": "hello"}]},
+            response=TokenizeResponse,
+        ),
+        "/detokenize": _post_json(
+            "detokenize",
+            "The text of token ids",
+            request=_ref(DetokenizeRequest),
+            example={"tokens": [1, 2, 3]},
+            response=DetokenizeResponse,
+        ),
+    }
+
+
 def _edge_paths() -> dict[str, Any]:
     return {
+        **_tokenizer_paths(),
         "/pipelines": _get(
             "listPipelines",
             "This box's pipeline and its status",

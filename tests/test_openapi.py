@@ -31,6 +31,8 @@ EDGE_PATHS = {
     "/metrics",
     "/openapi.yaml",
     "/logs",
+    "/tokenize",
+    "/detokenize",
 }
 OPENAI_PATHS = {
     f"{OPENAI_PREFIX}/completions",

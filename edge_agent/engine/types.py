@@ -22,10 +22,17 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutput:
-    """A constraint on the generated text: any JSON object, or JSON matching a schema."""
+    """A constraint on the generated text: any JSON object, or JSON matching a schema.
+
+    ``prefix`` and ``suffix`` wrap the JSON in fixed text (a template's tool-call markup,
+    ``<tool_call>`` ... ``</tool_call>``); ``repeat`` allows one or more wrapped values.
+    """
 
     kind: Literal["json_object", "json_schema"]
     schema_json: str | None = None
+    prefix: str = ""
+    suffix: str = ""
+    repeat: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +89,38 @@ class TokenEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model made: ``arguments`` is its JSON text, as generated."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call; ``parameters`` is a JSON schema (a parsed object)."""
+
+    name: str
+    description: str | None = None
+    parameters: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
+    """One turn of a conversation: an assistant's may hold tool calls, a tool's answers one."""
+
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+# How a chat template has its model write tool calls (engine/tool_calls.py parses them):
+# Hermes/Qwen ``<tool_call>{json}</tool_call>``, Llama 3 ``{"name":..,"parameters":..}``,
+# Mistral ``[TOOL_CALLS][{..}]``, or ``generic`` for a template that knows no tools.
+ToolCallFormat = Literal["hermes", "llama3", "mistral", "generic"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +160,19 @@ class Backend(Protocol):
 
     def detokenize(self, token_ids: Sequence[int]) -> str: ...
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """Apply the model's own chat template, ending with the assistant's turn opened."""
+    @property
+    def tool_call_format(self) -> ToolCallFormat | None:
+        """How the model writes tool calls, or None where this backend cannot offer tools."""
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """Apply the model's own chat template, by default ending with the assistant's turn
+        opened; ``tools`` are offered to the model as its template (or format) says."""
 
     def check_supported(self, params: SamplingParams) -> None:
         """Raise UnsupportedFeature for anything this backend cannot honour."""

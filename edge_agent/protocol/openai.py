@@ -115,11 +115,55 @@ class TextPart(_Request):
     text: str
 
 
+# OpenAI's rule for function names; also what keeps them safe inside a GBNF grammar.
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="a JSON schema of the arguments object"
+    )
+    strict: bool | None = None
+
+
+class FunctionTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: FunctionName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCallRequest(_Request):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_Request):
+    """A call an earlier assistant turn made, sent back in the history."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCallRequest
+
+
 class Message(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -132,8 +176,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
 
 
@@ -186,10 +231,24 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object's text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    content: str | None = Field(description="null when the answer is only tool calls")
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
@@ -197,7 +256,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     delta: None = None
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -209,9 +268,25 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    arguments: str = Field(description="the next fragment of the arguments' JSON text")
+
+
+class ToolCallDelta(BaseModel):
+    """One call's part in a chunk: the first carries id and name, later ones arguments."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    type: Literal["function"] | None = Field(default=None, exclude_if=lambda v: v is None)
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    # Left out of chunks without calls, so a plain stream's deltas stay as they were.
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):
@@ -219,7 +294,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     message: None = None
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -257,6 +332,17 @@ class ErrorDetail(BaseModel):
     type: str = Field(description="invalid_request_error, authentication_error, ...")
     param: str | None = None
     code: str | None = None
+    # With code context_length_exceeded only: the numbers behind it, for clients that trim.
+    n_prompt_tokens: int | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="context_length_exceeded: the prompt's length in tokens",
+    )
+    n_ctx: int | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="context_length_exceeded: the context window, tokens per sequence",
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -15,7 +15,13 @@ from edge_agent.engine.types import Backend
 from edge_agent.logbook import LogbookCollector, LogStore, Uploader
 from edge_agent.manifest import ModelManifest
 from edge_agent.protocol.edge import SPEC_PATH
-from edge_agent.server import edge_routes, logs_routes, native_routes, openai_routes
+from edge_agent.server import (
+    edge_routes,
+    logs_routes,
+    native_routes,
+    openai_routes,
+    tokenize_routes,
+)
 from edge_agent.server.middleware import bearer_token, errors_as_envelopes
 from edge_agent.server.params import model_defaults
 from edge_agent.server.state import STATE_KEY, AppState, DiscardingSink, RecordSink
@@ -79,6 +85,8 @@ def create_app(
     app.router.add_get("/readyz", edge_routes.readyz)
     app.router.add_get("/metrics", edge_routes.metrics)
     app.router.add_get("/logs", logs_routes.recent_logs)
+    app.router.add_post("/tokenize", tokenize_routes.tokenize)
+    app.router.add_post("/detokenize", tokenize_routes.detokenize)
     app.router.add_get(SPEC_PATH, edge_routes.openapi_yaml)
     if log_store is not None:
         # The store and the uploader know nothing of metrics: they are read from here.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,7 +11,6 @@ from pydantic import ValidationError
 
 from edge_agent.engine.types import (
     Backend,
-    ChatMessage,
     GenerationRequest,
     UnsupportedFeature,
 )
@@ -21,6 +21,7 @@ from edge_agent.protocol.openai import (
     SamplingFields,
 )
 from edge_agent.server.engine_errors import as_api_error
+from edge_agent.server.openai_tools import ToolUse, chat_messages, tool_use
 from edge_agent.server.params import EffectiveParams, effective_params
 
 Endpoint = Literal["completions", "chat/completions"]
@@ -41,6 +42,7 @@ class PreparedRequest:
     include_usage: bool
     logprobs: int | None
     echo: bool
+    tools: ToolUse | None = None  # chat with tools: replies are read for tool calls
 
 
 def parse_request(endpoint: Endpoint, raw: bytes) -> CompletionRequest | ChatCompletionRequest:
@@ -48,10 +50,11 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> CompletionRequest | ChatCom
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise _as_invalid_request(exc) from None
+        raise as_invalid_request(exc) from None
 
 
-def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
+def as_invalid_request(exc: ValidationError) -> InvalidRequest:
+    """A validation failure as the 400 a client gets: the first error, naming its field."""
     first = exc.errors()[0]
     if first["type"] == "json_invalid":
         return InvalidRequest(f"request body is not valid JSON: {first['msg']}")
@@ -94,12 +97,11 @@ def _refuse_unsupported(request: CompletionRequest | ChatCompletionRequest) -> N
             raise InvalidRequest("suffix: not supported by this model", param="suffix")
         if request.best_of not in (None, 1, request.n or 1):
             raise InvalidRequest("best_of: only best_of equal to n is supported", param="best_of")
-    else:
-        if request.tools or request.functions:
-            param = "tools" if request.tools else "functions"
-            raise InvalidRequest(f"{param}: tool calling is not supported", param=param)
-        if request.tool_choice not in (None, "none"):
-            raise InvalidRequest("tool_choice: tool calling is not supported", param="tool_choice")
+    elif request.functions:
+        raise InvalidRequest(
+            "functions: the deprecated functions API is not supported; use tools",
+            param="functions",
+        )
 
 
 async def prepare(
@@ -112,11 +114,12 @@ async def prepare(
 ) -> PreparedRequest:
     _refuse_unsupported(request)
     params = effective_params(request, defaults)
+    tools = tool_use(request, backend) if isinstance(request, ChatCompletionRequest) else None
     explicit_max = "max_tokens" in request.model_fields_set or (
         isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None
     )
     try:
-        prompts = await asyncio.to_thread(_prompts_as_tokens, request, backend)
+        prompts = await asyncio.to_thread(_prompts_as_tokens, request, backend, tools)
     except UnsupportedFeature as exc:
         raise as_api_error(exc, prompt_param=_prompt_param(request)) from None
     info = backend.info
@@ -135,14 +138,22 @@ async def prepare(
                 f"this model's context window is {window} tokens; the prompt has "
                 f"{len(tokens)} and max_tokens asks for {wanted if explicit_max else 0} more",
                 param="max_tokens" if room > 0 else _prompt_param(request),
+                n_prompt_tokens=len(tokens),
+                n_ctx=window,
             )
         max_tokens = min(wanted, room)
         total_prompt += len(tokens)
         for choice in range(params.n):
             sampling = params.sampling(max_tokens=max_tokens, logprobs=logprobs, choice=choice)
+            if tools is not None and tools.forced is not None:
+                sampling = dataclasses.replace(sampling, structured_output=tools.forced)
             try:
                 backend.check_supported(sampling)
             except UnsupportedFeature as exc:
+                forced = tools is not None and tools.forced is not None
+                if forced and exc.feature == "structured_output":
+                    # The grammar came from the tools' schemas, not from response_format.
+                    exc = UnsupportedFeature("tools", exc.message)
                 raise as_api_error(exc, prompt_param=_prompt_param(request)) from None
             sequences.append(
                 GenerationRequest(f"{request_id}-{prompt_index}-{choice}", tokens, sampling)
@@ -160,6 +171,7 @@ async def prepare(
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         logprobs=logprobs,
         echo=bool(getattr(request, "echo", False)),
+        tools=tools,
     )
 
 
@@ -178,11 +190,11 @@ def _logprobs_wanted(request: CompletionRequest | ChatCompletionRequest) -> int 
 
 
 def _prompts_as_tokens(
-    request: CompletionRequest | ChatCompletionRequest, backend: Backend
+    request: CompletionRequest | ChatCompletionRequest, backend: Backend, tools: ToolUse | None
 ) -> list[tuple[str, list[int]]]:
     if isinstance(request, ChatCompletionRequest):
-        messages = [ChatMessage(m.role, m.text()) for m in request.messages]
-        text = backend.render_chat(messages)
+        messages = chat_messages(request.messages)
+        text = backend.render_chat(messages, tools=tools.tools if tools else ())
         return [(text, backend.tokenize(text, add_special=False, parse_special=True))]
     prompt = request.prompt
     if isinstance(prompt, str):

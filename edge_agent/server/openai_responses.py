@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from edge_agent.engine.scheduler import GenerationClock, Step
+from edge_agent.engine.tool_calls import CallStart, Content, Piece, ToolCallParser
 from edge_agent.engine.types import Backend, FinishReason
 from edge_agent.protocol.openai import (
     AssistantMessage,
@@ -21,12 +22,17 @@ from edge_agent.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatDelta,
+    ChatFinishReason,
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
     CompletionResponse,
+    FunctionCall,
+    FunctionCallDelta,
+    ToolCall,
+    ToolCallDelta,
     TopLogprobEntry,
     Usage,
 )
@@ -111,6 +117,13 @@ class ResponseBuilder(ABC):
     @abstractmethod
     def step_chunk(self, index: int, step: Step, usage: Usage | None = None) -> Chunk: ...
 
+    def step_chunks(self, index: int, step: Step, usage: Usage | None = None) -> Sequence[Chunk]:
+        """What a stream sends for one step (after ``add``): nothing for a step with
+        nothing to say, else its chunks, ``usage`` on the last."""
+        if step.finish_reason is None and not step.text and self.prepared.logprobs is None:
+            return []
+        return [self.step_chunk(index, step, usage)]
+
     @abstractmethod
     def usage_chunk(self, usage: Usage) -> Chunk: ...
 
@@ -192,9 +205,81 @@ class CompletionResponses(ResponseBuilder):
 
 
 class ChatResponses(ResponseBuilder):
-    """``chat.completion`` objects: the assistant's role first, then content deltas."""
+    """``chat.completion`` objects: the assistant's role first, then content deltas.
+
+    With tools, each choice's text goes through a ``ToolCallParser``: content deltas carry
+    only what cannot be call markup; a call's ``id`` and ``function.name`` go out in one
+    delta as soon as the name is complete, its arguments in fragments as they come.
+    """
 
     id_prefix = "chatcmpl-"
+
+    def __init__(
+        self, prepared: PreparedRequest, model_name: str, token_text: Callable[[int], str]
+    ) -> None:
+        super().__init__(prepared, model_name, token_text)
+        tools = prepared.tools
+        self._parsers = [
+            ToolCallParser(tools.format, tools.names, parallel=tools.parallel) if tools else None
+            for _ in self.choices
+        ]
+        self._content: list[list[str]] = [[] for _ in self.choices]
+        self._pending: list[list[Piece]] = [[] for _ in self.choices]
+
+    def add(self, index: int, step: Step) -> None:
+        super().add(index, step)
+        parser = self._parsers[index]
+        if parser is None:
+            return
+        pieces = parser.feed(step.text)
+        if step.finish_reason is not None:
+            pieces += parser.finish()
+        self._content[index].extend(p.text for p in pieces if isinstance(p, Content))
+        self._pending[index].extend(pieces)
+
+    def step_chunks(self, index: int, step: Step, usage: Usage | None = None) -> Sequence[Chunk]:
+        if self._parsers[index] is None:
+            return super().step_chunks(index, step, usage)
+        pieces, self._pending[index] = self._pending[index], []
+        span = self._step_range(index, step)
+        logprobs = None if span is None else self._logprobs(*span)
+        deltas = [delta for piece in pieces for delta in _piece_deltas(piece)]
+        if not deltas and logprobs is not None:
+            deltas = [ChatDelta(content="")]
+        choices = [ChatChunkChoice(index=index, delta=delta) for delta in deltas]
+        if choices:
+            choices[0].logprobs = logprobs
+        if step.finish_reason is not None:
+            choices.append(
+                ChatChunkChoice(
+                    index=index, delta=ChatDelta(), finish_reason=self._finish_reason(index)
+                )
+            )
+        chunks = [self._chunk([choice]) for choice in choices]
+        if chunks:
+            chunks[-1].usage = usage
+        return chunks
+
+    def _finish_reason(self, index: int) -> ChatFinishReason | None:
+        reason = self.choices[index].finish_reason
+        parser = self._parsers[index]
+        if reason == "stop" and parser is not None and parser.calls:
+            return "tool_calls"
+        return reason
+
+    def _message(self, index: int) -> AssistantMessage:
+        choice, parser = self.choices[index], self._parsers[index]
+        if parser is None:
+            return AssistantMessage(content="".join(choice.text))
+        content = "".join(self._content[index])
+        calls = [
+            ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+            for call in parser.calls
+        ]
+        # OpenAI's convention: a reply that is only calls has null content.
+        return AssistantMessage(
+            content=None if calls and not content.strip() else content, tool_calls=calls
+        )
 
     def opening_chunks(self) -> Iterator[ChatCompletionChunk]:
         """Chat streams open with the assistant's role, as OpenAI's do."""
@@ -227,9 +312,9 @@ class ChatResponses(ResponseBuilder):
             choices=[
                 ChatChoice(
                     index=i,
-                    message=AssistantMessage(content="".join(c.text)),
+                    message=self._message(i),
                     logprobs=self._logprobs(c, 0, len(c.tokens)),
-                    finish_reason=c.finish_reason,
+                    finish_reason=self._finish_reason(i),
                 )
                 for i, c in enumerate(self.choices)
             ],
@@ -257,6 +342,17 @@ class ChatResponses(ResponseBuilder):
                 for i in range(start, end)
             ]
         )
+
+
+def _piece_deltas(piece: Piece) -> list[ChatDelta]:
+    if isinstance(piece, Content):
+        return [ChatDelta(content=piece.text)]
+    if isinstance(piece, CallStart):
+        function = FunctionCallDelta(name=piece.name, arguments="")
+        call = ToolCallDelta(index=piece.index, id=piece.id, type="function", function=function)
+    else:
+        call = ToolCallDelta(index=piece.index, function=FunctionCallDelta(arguments=piece.text))
+    return [ChatDelta(tool_calls=[call])]
 
 
 def response_builder(

@@ -95,23 +95,22 @@ async def _stream(
     try:
         async for index, step in _choices(state, prepared, clock):
             builder.add(index, step)
-            if step.finish_reason is None:
-                if step.text or prepared.logprobs is not None:
-                    await writer.send(builder.step_chunk(index, step))
-                continue
-            remaining -= 1
-            if remaining:
-                await writer.send(builder.step_chunk(index, step))
+            if step.finish_reason is None or remaining > 1:
+                remaining -= step.finish_reason is not None
+                for chunk in builder.step_chunks(index, step):
+                    await writer.send(chunk)
                 continue
             # The last choice finished: the record is durable before its chunk leaves.
             usage = builder.usage(clock)
             ledger.response_json = builder.response(clock).model_dump_json()
             await ledger.commit()
             if prepared.include_usage:
-                await writer.send(builder.step_chunk(index, step))
+                for chunk in builder.step_chunks(index, step):
+                    await writer.send(chunk)
                 await writer.send(builder.usage_chunk(usage))
             else:
-                await writer.send(builder.step_chunk(index, step, usage))
+                for chunk in builder.step_chunks(index, step, usage):
+                    await writer.send(chunk)
     except (ApiError, EngineError) as error:
         # The status line is gone: the failure travels as an event, then [DONE].
         await writer.send((await ledger.fail(error)).envelope())

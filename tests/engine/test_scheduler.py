@@ -21,6 +21,7 @@ from edge_agent.engine.types import (
     GenerationRequest,
     SamplingParams,
     TokenEvent,
+    ToolSpec,
 )
 
 
@@ -51,7 +52,17 @@ class ScriptedBackend:
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return "".join(chr(t) for t in token_ids)
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+    @property
+    def tool_call_format(self) -> None:
+        return None
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        add_generation_prompt: bool = True,
+    ) -> str:
         return "".join(m.content for m in messages)
 
     def check_supported(self, params: SamplingParams) -> None:

@@ -31,6 +31,8 @@ from edge_agent.engine.types import (
     GenerationRequest,
     SamplingParams,
     TokenEvent,
+    ToolCallFormat,
+    ToolSpec,
 )
 from edge_agent.manifest import sha256_of
 
@@ -172,8 +174,20 @@ class LlamaCppFront:
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self._require_vocab().detokenize(token_ids)
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        return self._require_vocab().render_chat(messages)
+    @property
+    def tool_call_format(self) -> ToolCallFormat | None:
+        return self._vocab.tool_call_format if self._vocab else None
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        add_generation_prompt: bool = True,
+    ) -> str:
+        return self._require_vocab().render_chat(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt
+        )
 
     def check_supported(self, params: SamplingParams) -> None:
         self._require_vocab().check_supported(params)

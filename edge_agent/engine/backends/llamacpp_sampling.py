@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import json
+import re
 import secrets
 from typing import Any
 
@@ -22,13 +24,24 @@ def grammar_for(params: SamplingParams) -> str | None:
     if constraint is None:
         return None
     if constraint.kind == "json_object" or constraint.schema_json is None:
-        return JSON_GBNF
-    try:
-        return str(json_schema_to_gbnf(constraint.schema_json))
-    except Exception as exc:  # the converter raises bare Exceptions on schemas it can't do
-        raise UnsupportedFeature(
-            "structured_output", f"this JSON schema cannot be enforced: {exc}"
-        ) from None
+        grammar = JSON_GBNF
+    else:
+        try:
+            grammar = str(json_schema_to_gbnf(constraint.schema_json))
+        except Exception as exc:  # the converter raises bare Exceptions on schemas it can't do
+            raise UnsupportedFeature(
+                "structured_output", f"this JSON schema cannot be enforced: {exc}"
+            ) from None
+    if not (constraint.prefix or constraint.suffix):
+        return grammar
+    # The JSON's own start rule becomes one item between the fixed texts.
+    body = re.sub(r"^root ::=", f"{_WRAPPED} ::=", grammar, count=1, flags=re.MULTILINE)
+    item = f"{json.dumps(constraint.prefix)} {_WRAPPED} {json.dumps(constraint.suffix)}"
+    root = f'root ::= {item} ("\\n" {item})*' if constraint.repeat else f"root ::= {item}"
+    return f"{root}\n{body}"
+
+
+_WRAPPED = "wrapped-json-value"  # no schema property yields this rule name (they get no "wrapped-")
 
 
 class SamplerChain:

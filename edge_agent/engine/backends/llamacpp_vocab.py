@@ -13,12 +13,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import llama_cpp
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_agent.engine.backends.llamacpp_sampling import grammar_for
-from edge_agent.engine.types import BackendError, ChatMessage, SamplingParams, UnsupportedFeature
+from edge_agent.engine.chat_template import ChatTemplate
+from edge_agent.engine.types import (
+    BackendError,
+    ChatMessage,
+    SamplingParams,
+    ToolCallFormat,
+    ToolSpec,
+    UnsupportedFeature,
+)
 
 
 @functools.cache
@@ -59,14 +65,14 @@ class Vocabulary:
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._pieces: dict[int, bytes] = {}
-        self._template: jinja2.Template | None = None
+        self._template: ChatTemplate | None = None
         template = llama_cpp.llama_model_chat_template(model, None)
         if template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_error
-            self._template = env.from_string(template.decode("utf-8"))
-        self._bos = self._special_text(llama_cpp.llama_vocab_bos(self._vocab))
-        self._eos = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
+            self._template = ChatTemplate(
+                template.decode("utf-8"),
+                bos_token=self._special_text(llama_cpp.llama_vocab_bos(self._vocab)),
+                eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)),
+            )
 
     @property
     def handle(self) -> Any:
@@ -115,25 +121,32 @@ class Vocabulary:
         size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, True)
         return buffer.raw[: max(size, 0)].decode("utf-8", errors="replace")
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+    @property
+    def tool_call_format(self) -> ToolCallFormat | None:
+        return None if self._template is None else self._template.tool_call_format
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        add_generation_prompt: bool = True,
+    ) -> str:
         if self._template is None:
             raise UnsupportedFeature("chat_template", "this model has no chat template")
-        try:
-            return self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
-                add_generation_prompt=True,
-                bos_token=self._bos,
-                eos_token=self._eos,
-            )
-        except jinja2.TemplateError as exc:
-            raise UnsupportedFeature("chat_template", f"the template refuses them: {exc}") from None
+        return self._template.render(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt
+        )
 
     def check_supported(self, params: SamplingParams) -> None:
-        grammar_for(params)  # raises UnsupportedFeature for a schema llama.cpp can't enforce
+        grammar = grammar_for(params)  # raises UnsupportedFeature for a schema it can't convert
+        if grammar is not None:
+            # Compiled here too, so a grammar llama.cpp refuses is a 400 before admission,
+            # named after the request field it came from, not a failure in the engine.
+            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            if not sampler:
+                raise UnsupportedFeature("structured_output", "the grammar does not compile")
+            llama_cpp.llama_sampler_free(sampler)
         for token in params.logit_bias:
             if not 0 <= token < self.n_vocab:
                 raise UnsupportedFeature("logit_bias", f"token id {token} is not in the vocabulary")
-
-
-def _raise_template_error(message: str) -> None:
-    raise jinja2.TemplateError(message)

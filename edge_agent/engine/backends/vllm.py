@@ -36,6 +36,8 @@ from edge_agent.engine.types import (
     GenerationRequest,
     SamplingParams,
     TokenEvent,
+    ToolCallFormat,
+    ToolSpec,
     TopLogprob,
     UnsupportedFeature,
 )
@@ -292,14 +294,28 @@ class VllmBackend:
         # Special tokens render as nothing, as llama.cpp's pieces do.
         return str(tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+    @property
+    def tool_call_format(self) -> ToolCallFormat | None:
+        # Tool calls need the output grammar and parsers of the llama.cpp backend; vLLM's
+        # own tool parsers are chosen per model by flags this adapter does not set.
+        return None
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        add_generation_prompt: bool = True,
+    ) -> str:
+        if tools or any(m.tool_calls or m.tool_call_id for m in messages):
+            raise UnsupportedFeature("tools", "tool calling is not supported on this backend")
         tokenizer = self._require_tokenizer()
         if getattr(tokenizer, "chat_template", None) is None:
             raise UnsupportedFeature("chat_template", "this model has no chat template")
         try:
             rendered = tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in messages],
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
                 tokenize=False,
             )
         except Exception as exc:  # templates raise on roles or orders they refuse
