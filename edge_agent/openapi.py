@@ -409,6 +409,23 @@ def _edge_paths() -> dict[str, Any]:
                         "description": "A record id: only records after it (exclusive)",
                         "schema": {"type": "string"},
                     },
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "required": False,
+                        "description": "A record id: only records before it (the next page)",
+                        "schema": {"type": "string"},
+                    },
+                    *(
+                        {
+                            "name": name,
+                            "in": "query",
+                            "required": False,
+                            "description": f"Epoch milliseconds: records accepted {when}",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 10**15 - 1},
+                        }
+                        for name, when in (("start", "at or after"), ("end", "before"))
+                    ),
                 ],
                 "responses": {
                     "200": {"description": "A page of records", "content": _json(_ref(LogPage))},

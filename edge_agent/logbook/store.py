@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS records (
 );
 -- Covering index: backlog scans, per-state counts and cap accounting never touch bodies.
 CREATE INDEX IF NOT EXISTS records_state ON records (state, seq, size);
+-- Reads by time range (GET /logs?start=&end=).
+CREATE INDEX IF NOT EXISTS records_time ON records (time);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -269,16 +271,28 @@ class LogStore:
             listener()
 
     async def read(
-        self, limit: int = 100, since: str | None = None
+        self,
+        limit: int = 100,
+        since: str | None = None,
+        *,
+        before: str | None = None,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
     ) -> tuple[list[dict[str, Any]], bool]:
         """Newest first, records with ``id > since`` (exclusive), at most ``limit`` (<= 1000).
 
+        ``before`` bounds the ids from above (exclusive: the next page down), ``start_ms``
+        and ``end_ms`` the records' ``time`` (``start <= time < end``).
         Returns ``(records, has_more)``; ``has_more`` says more such records exist.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
         limit = min(limit, MAX_READ_LIMIT)
-        return await self._call(lambda conn: read_records(conn, limit, since))
+        return await self._call(
+            lambda conn: read_records(
+                conn, limit, since, before=before, start_ms=start_ms, end_ms=end_ms
+            )
+        )
 
     async def series(self, *, now_ms: int, window_ms: int, step_ms: int) -> rollup.Series:
         """ttft, tps and request counts per ``step_ms`` bucket over the last ``window_ms``.
@@ -768,15 +782,30 @@ def _make_row(record: Mapping[str, Any]) -> _Row:
 
 
 def read_records(
-    conn: sqlite3.Connection, limit: int, since: str | None
+    conn: sqlite3.Connection,
+    limit: int,
+    since: str | None,
+    *,
+    before: str | None = None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
     """The ``GET /logs`` query, shared by the store and the read-only ``logs`` command."""
-    if since is None:
-        cursor = conn.execute("SELECT body FROM records ORDER BY id DESC LIMIT ?", (limit + 1,))
-    else:
-        cursor = conn.execute(
-            "SELECT body FROM records WHERE id > ? ORDER BY id DESC LIMIT ?", (since, limit + 1)
+    bounds = [
+        (clause, value)
+        for clause, value in (
+            ("id > ?", since),
+            ("id < ?", before),
+            ("time >= ?", start_ms),
+            ("time < ?", end_ms),
         )
+        if value is not None
+    ]
+    where = " AND ".join(clause for clause, _ in bounds) or "1"
+    cursor = conn.execute(
+        f"SELECT body FROM records WHERE {where} ORDER BY id DESC LIMIT ?",
+        (*(value for _, value in bounds), limit + 1),
+    )
     bodies = [row[0] for row in cursor.fetchall()]
     return [json.loads(body) for body in bodies[:limit]], len(bodies) > limit
 

@@ -165,3 +165,14 @@ async def test_old_buckets_age_out_by_their_retention(store: LogStore) -> None:
     assert spans == [(HOUR_MS,)]
     series = await store.series(now_ms=NOW, window_ms=week, step_ms=HOUR_MS)
     assert sum(p.count for p in series.ttft) == 2
+
+
+async def test_reads_by_time_range_page_down_with_before(store: LogStore) -> None:
+    records = [timed(NOW - 10_000 + i * 1000, 0.1, 50.0, n=i) for i in range(10)]
+    await append_all(store, records, group=1)
+    in_range, has_more = await store.read(limit=3, start_ms=NOW - 8000, end_ms=NOW - 2000)
+    assert [r["in"]["n"] for r in in_range] == [7, 6, 5] and has_more
+    rest, has_more = await store.read(
+        limit=10, start_ms=NOW - 8000, end_ms=NOW - 2000, before=in_range[-1]["id"]
+    )
+    assert [r["in"]["n"] for r in rest] == [4, 3, 2] and not has_more
