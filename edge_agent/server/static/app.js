@@ -293,7 +293,7 @@ function detailRow(record) {
     // not JSON: shown as stored
   }
   parts.push(el("h3", {}, "out"), el("pre", {}, out === null ? "null" : out));
-  parts.push(el("p", { class: "muted" }, `id ${record.id} · ${record.model.name} · ${record.backend}`));
+  parts.push(el("p", { class: "muted" }, `id ${record.id} · ${(record.model && record.model.name) || ""} · ${record.backend || ""}`));
   return el("tr", { class: "detail" }, el("td", { colspan: 7 }, el("div", { class: "detail" }, ...parts)));
 }
 
