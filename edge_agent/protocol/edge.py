@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,7 @@ DASHBOARD_ASSETS = {"/dashboard/app.js": "app.js", "/dashboard/app.css": "app.cs
 DASHBOARD_DATA_PATHS = frozenset({"/stats", "/status"})
 
 
+@functools.cache
 def open_paths(dashboard_access: Literal["open", "token"]) -> frozenset[str]:
     """Paths served without the bearer token; the page's data joins them when it is open."""
     paths = OPEN_PATHS | set(DASHBOARD_PAGES) | set(DASHBOARD_ASSETS)
