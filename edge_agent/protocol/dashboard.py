@@ -36,8 +36,8 @@ class StatsQuery(BaseModel):
     @field_validator("window")
     @classmethod
     def _window_in_range(cls, value: str) -> str:
-        if duration_s(value) > MAX_WINDOW_S:
-            raise ValueError("at most 7d")
+        if not 60 <= duration_s(value) <= MAX_WINDOW_S:
+            raise ValueError("from 1m to 7d")
         return value
 
     @field_validator("step")
