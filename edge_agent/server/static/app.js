@@ -39,13 +39,22 @@ function svgEl(tag, attrs, text) {
 
 class Unauthorized extends Error {}
 
+class HttpError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
 async function getJSON(path) {
   const headers = { Accept: "application/json" };
   if (view.token) headers.Authorization = "Bearer " + view.token;
   const response = await fetch(path, { headers, cache: "no-store" });
   if (response.status === 401) throw new Unauthorized(path);
   const body = await response.json();
-  if (!response.ok) throw new Error((body.error && body.error.message) || response.statusText);
+  if (!response.ok) {
+    throw new HttpError(response.status, (body.error && body.error.message) || response.statusText);
+  }
   return body;
 }
 
@@ -359,7 +368,11 @@ async function refreshOnce() {
   const failures = results.filter((r) => r.status === "rejected").map((r) => r.reason);
   view.needToken = failures.some((e) => e instanceof Unauthorized);
   $("token-form").hidden = !view.needToken;
-  const other = failures.find((e) => !(e instanceof Unauthorized));
+  // A box with its inference log switched off has no history to show: say so, calmly.
+  const isLogOff = (e) => e instanceof HttpError && e.status === 404;
+  const logOff = failures.find(isLogOff);
+  if (logOff) $("latest-note").textContent = logOff.message;
+  const other = failures.find((e) => !(e instanceof Unauthorized) && !isLogOff(e));
   if (other) {
     const banner = $("banner");
     banner.textContent = `Cannot read the box: ${other.message}`;
