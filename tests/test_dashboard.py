@@ -151,3 +151,20 @@ async def test_stats_without_the_inference_log_is_a_404(make_client: Any) -> Non
     assert response.status == 404
     status = await (await client.get("/status")).json()
     assert status["logs"]["enabled"] is False
+
+
+async def test_logs_read_by_time_range_and_page_down(client: Any) -> None:
+    for n in range(3):
+        await complete(client, f"page {n}")
+    everything = (await (await client.get("/logs")).json())["data"]
+    newest, middle, oldest = everything
+    page = await (await client.get("/logs", params={"limit": "1", "start": oldest["time"]})).json()
+    assert [r["id"] for r in page["data"]] == [newest["id"]] and page["has_more"]
+    rest = await client.get("/logs", params={"start": oldest["time"], "before": newest["id"]})
+    assert [r["id"] for r in (await rest.json())["data"]] == [middle["id"], oldest["id"]]
+    until = await client.get("/logs", params={"end": middle["time"]})
+    assert all(r["time"] < middle["time"] for r in (await until.json())["data"])
+    for param in ("start", "end"):
+        refused = await client.get("/logs", params={param: "yesterday"})
+        assert refused.status == 400
+        assert (await refused.json())["error"]["param"] == param
