@@ -643,6 +643,7 @@ class LogStore:
             commits=s.commits + 1,
             dropped_total=s.dropped_total + evicted.dropped,
             dropped_unreported=s.dropped_unreported + evicted.dropped,
+            oldest_pending_ms=oldest,
         )
         if evicted.dropped:
             log.warning(
