@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,7 +57,22 @@ def complete(daemon: Daemon, prompt: str) -> dict[str, Any]:
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         body: dict[str, Any] = json.load(response)
-        return body
+    # A request that made no token has no ttft or tps: each one here must chart.
+    assert body["usage"]["completion_tokens"] > 0, prompt
+    return body
+
+
+def wait_serving(daemon: Daemon) -> None:
+    """Until the daemon answers HTTP at all (before its model is ready, or never)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            get_json(daemon, "/healthz")
+            return
+        except OSError:
+            if time.monotonic() > deadline or daemon.process.poll() is not None:
+                raise
+            time.sleep(0.1)
 
 
 def wait_for_count(page: Any, selector: str, count: int) -> None:
@@ -81,7 +97,7 @@ def test_the_page_shows_charts_records_and_new_requests_without_errors(
     start_daemon: Callable[..., Daemon], browser: Any, tmp_path: Path
 ) -> None:
     daemon = start_daemon()
-    answers = [complete(daemon, f"Tell me about the number {n}.") for n in range(3)]
+    answers = [complete(daemon, f"Once upon a time, robot number {n}") for n in range(3)]
 
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     problems: list[str] = []
@@ -114,7 +130,7 @@ def test_the_page_shows_charts_records_and_new_requests_without_errors(
 
     # A new request appears on its own, without a reload.
     page.evaluate("window.notReloaded = true")
-    newest = complete(daemon, "One more, please.")
+    newest = complete(daemon, "Once upon a time, one more robot")
     wait_for_count(page, "#latest tr.record", 4)
     assert page.evaluate("window.notReloaded") is True
     newest_id = get_json(daemon, "/logs?limit=1")["data"][0]["id"]
@@ -144,6 +160,7 @@ def test_the_page_says_when_the_model_is_not_served(
         f'sha256 = "{"0" * 64}"\n'
     )
     daemon = start_daemon("--model", str(manifest), ready=False)
+    wait_serving(daemon)
     page = browser.new_page()
     page.goto(daemon.url + "/dashboard")
     page.wait_for_function(
