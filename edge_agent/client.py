@@ -238,12 +238,12 @@ class EdgePipeline(_Base):
         _load_pandas()  # fail before the request when pandas is missing
         records: list[dict[str, Any]] = []
         before: str | None = None
-        while len(records) < limit:
+        while True:  # at least once: a limit below 1 gets the box's own 400
             query = _log_query(limit - len(records), start_datetime, end_datetime, before)
             page = self._http().get("/logs", cast_to=object, options={"params": query})
             found, has_more = _log_page(page)
             records.extend(found)
-            if not found or not has_more:
+            if not found or not has_more or len(records) >= limit:
                 break
             before = found[-1]["id"]
         return _logs_frame(records)
@@ -339,12 +339,12 @@ class AsyncEdgePipeline(_Base):
         _load_pandas()
         records: list[dict[str, Any]] = []
         before: str | None = None
-        while len(records) < limit:
+        while True:  # at least once: a limit below 1 gets the box's own 400
             query = _log_query(limit - len(records), start_datetime, end_datetime, before)
             page = await self._http().get("/logs", cast_to=object, options={"params": query})
             found, has_more = _log_page(page)
             records.extend(found)
-            if not found or not has_more:
+            if not found or not has_more or len(records) >= limit:
                 break
             before = found[-1]["id"]
         return _logs_frame(records)

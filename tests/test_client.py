@@ -124,8 +124,9 @@ def test_native_infer_with_openai_on_is_bad_request_asking_for_extensions(
 
 
 def test_logs_limit_out_of_range_is_bad_request(pipeline: EdgePipeline) -> None:
+    # Above the box's 1000 a page, logs() reads page by page; below 1 the box says no.
     with pytest.raises(openai.BadRequestError, match="limit"):
-        pipeline.logs(limit=5000)
+        pipeline.logs(limit=0)
 
 
 def test_a_token_box_refuses_a_client_without_it(start_daemon: Callable[..., Daemon]) -> None:
