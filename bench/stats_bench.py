@@ -89,6 +89,7 @@ def build_log(path: Path, records: int, now_ms: int) -> None:
         conn.execute("COMMIT")
         print(f"  {first + len(rows):>9,} records", end="\r", flush=True)
     conn.execute("INSERT OR REPLACE INTO meta VALUES ('bench_records', ?)", (records,))
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('bench_spans', ?)", (len(rollup.SPANS),))
     conn.execute("INSERT OR REPLACE INTO meta VALUES ('bench_now_ms', ?)", (now_ms,))
     conn.close()
     print(f"  built {records:,} records in {time.perf_counter() - started:.0f} s")
@@ -99,7 +100,7 @@ def cached_log(directory: Path, records: int) -> tuple[Path, int]:
     if path.exists():
         with sqlite3.connect(path) as conn:
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("bench_records") == records:
+        if meta.get("bench_records") == records and meta.get("bench_spans") == len(rollup.SPANS):
             print(f"reusing {path} ({records:,} records)")
             return path, int(meta["bench_now_ms"])
         for suffix in ("", "-wal", "-shm"):

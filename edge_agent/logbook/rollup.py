@@ -1,4 +1,4 @@
-"""Per-minute and per-hour rollups of the inference log, and the time series read from them.
+"""Per-minute, quarter-hour and hour rollups of the inference log, and the series read from them.
 
 Why rollups: the charts ask for the median and p95 of ttft and tps per time bucket over
 up to seven days. Scanning a million records for that costs about half a second even
@@ -7,10 +7,11 @@ through a covering index; the rollup holds at most one row per (bucket, value bi
 
 Percentiles come from log-scale histograms (bin ``round(log(x) / log(GAMMA))``, the value
 of a bin ``GAMMA ** bin``): mergeable across buckets, and within ``RELATIVE_ERROR`` of the
-true value. The rollup lives in the store's own file and transaction, so it is exactly as
-durable as the records, and it is kept for its own retention (``MINUTE_RETENTION_MS``,
-``HOUR_RETENTION_MS``), not subject to the records' storage cap: the charts still cover
-days whose records the cap has already dropped.
+true value. A series reads the coarsest rollup its step allows (``span_for``): the rows
+read grow with the buckets drawn, not with the requests made. The rollup lives in the
+store's own file and transaction, so it is exactly as durable as the records, and it is
+kept for its own retention (``RETENTION_MS``), not subject to the records' storage cap:
+the charts still cover days whose records the cap has already dropped.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 MINUTE_MS: Final = 60_000
+QUARTER_MS: Final = 900_000
 HOUR_MS: Final = 3_600_000
-SPANS: Final = (MINUTE_MS, HOUR_MS)
-MINUTE_RETENTION_MS: Final = 2 * 86_400_000
-HOUR_RETENTION_MS: Final = 8 * 86_400_000
+# Bucket width: how long its buckets are kept. Minutes serve windows up to 48 h (and
+# the bucket the window's start falls in); the coarser ones a week and a day more.
+RETENTION_MS: Final = {MINUTE_MS: 49 * HOUR_MS, QUARTER_MS: 8 * 86_400_000, HOUR_MS: 8 * 86_400_000}
+SPANS: Final = tuple(RETENTION_MS)
+MINUTE_WINDOW_MS: Final = 48 * HOUR_MS
 
 GAMMA: Final = 1.04
 RELATIVE_ERROR: Final = math.sqrt(GAMMA) - 1  # a bin spans GAMMA**(b -/+ 0.5)
@@ -140,7 +144,7 @@ def add(conn: sqlite3.Connection, samples: Iterable[Sample]) -> None:
 def prune(conn: sqlite3.Connection, now_ms: int) -> None:
     """Drop buckets past their retention; runs inside the caller's transaction."""
     for table in ("rollup_requests", "rollup_latency"):
-        for span, keep in ((MINUTE_MS, MINUTE_RETENTION_MS), (HOUR_MS, HOUR_RETENTION_MS)):
+        for span, keep in RETENTION_MS.items():
             conn.execute(f"DELETE FROM {table} WHERE span = ? AND start < ?", (span, now_ms - keep))
 
 
@@ -209,14 +213,13 @@ class Series:
 
 
 def span_for(window_ms: int, step_ms: int) -> int:
-    """The rollup a series reads: hours when the step allows, minutes while they are kept."""
-    if step_ms % HOUR_MS == 0:
-        return HOUR_MS
-    if step_ms % MINUTE_MS == 0 and window_ms <= MINUTE_RETENTION_MS:
-        return MINUTE_MS
+    """The rollup a series reads: the coarsest one that fits the step and still holds the window."""
+    for span in sorted(SPANS, reverse=True):
+        if step_ms % span == 0 and window_ms + step_ms <= RETENTION_MS[span]:
+            return span
     raise ValueError(
-        "step: a whole number of minutes, and of hours for windows over "
-        f"{MINUTE_RETENTION_MS // HOUR_MS} h"
+        "step: a whole number of minutes, and of quarter hours for windows over "
+        f"{MINUTE_WINDOW_MS // HOUR_MS} h"
     )
 
 
@@ -228,12 +231,15 @@ def read_series(conn: sqlite3.Connection, *, now_ms: int, window_ms: int, step_m
     window = (span, start, end)
 
     histograms: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-    for bucket, metric, index, n in conn.execute(
-        "SELECT start - start % ?1, metric, bin, sum(n) FROM rollup_latency"
-        " WHERE span = ?2 AND start >= ?3 AND start < ?4"
-        " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-        (step_ms, *window),
-    ):
+    # Buckets as wide as the rollup's are its rows, in key order: nothing to merge or sort.
+    latency = (
+        "SELECT start, metric, bin, n FROM rollup_latency"
+        " WHERE span = ?2 AND start >= ?3 AND start < ?4 ORDER BY span, start, metric, bin"
+        if step_ms == span
+        else "SELECT start - start % ?1, metric, bin, sum(n) FROM rollup_latency"
+        " WHERE span = ?2 AND start >= ?3 AND start < ?4 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    )
+    for bucket, metric, index, n in conn.execute(latency, (step_ms, *window)):
         histograms[(int(bucket), int(metric))].append((int(index), int(n)))
     series: dict[int, list[LatencyPoint]] = {TTFT: [], TPS: []}
     for (bucket, metric), bins in histograms.items():

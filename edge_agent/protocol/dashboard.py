@@ -29,7 +29,7 @@ class StatsQuery(BaseModel):
     step: str | None = Field(
         default=None,
         pattern=DURATION_PATTERN,
-        description="bucket width, whole minutes (whole hours beyond 48h); "
+        description="bucket width, whole minutes (whole quarter hours beyond 48h); "
         "default: 1m up to 1h windows, 15m up to 24h, 1h beyond",
     )
 

@@ -13,7 +13,7 @@ import pytest
 from logbook_helpers import append_all, make_record
 
 from edge_agent.logbook import DB_FILENAME, LogStore
-from edge_agent.logbook.rollup import HOUR_MS, MINUTE_MS, RELATIVE_ERROR
+from edge_agent.logbook.rollup import HOUR_MS, MINUTE_MS, QUARTER_MS, RELATIVE_ERROR
 
 NOW = int(time.time() * 1000)
 
@@ -106,9 +106,11 @@ async def test_a_wider_step_merges_buckets_and_the_window_excludes_older_ones(
 async def test_steps_the_rollups_cannot_give_are_refused(store: LogStore) -> None:
     with pytest.raises(ValueError, match="step"):
         await store.series(now_ms=NOW, window_ms=HOUR_MS, step_ms=30_000)
-    # Minute buckets are kept for two days only: a week needs whole hours.
+    # Minute buckets are kept for two days only: beyond, steps are whole quarter hours.
     with pytest.raises(ValueError, match="step"):
-        await store.series(now_ms=NOW, window_ms=7 * 24 * HOUR_MS, step_ms=15 * MINUTE_MS)
+        await store.series(now_ms=NOW, window_ms=3 * 24 * HOUR_MS, step_ms=5 * MINUTE_MS)
+    week = await store.series(now_ms=NOW, window_ms=7 * 24 * HOUR_MS, step_ms=15 * MINUTE_MS)
+    assert week.step_ms == 15 * MINUTE_MS
 
 
 async def test_series_survive_a_restart(tmp_path: Path) -> None:
@@ -155,14 +157,15 @@ async def test_the_charts_keep_history_the_storage_cap_dropped(tmp_path: Path) -
 
 async def test_old_buckets_age_out_by_their_retention(store: LogStore) -> None:
     # A record three days old (a box whose clock or uplink was off): its minute rows go
-    # with the first commit of the minute, its hour rows (kept eight days) stay.
+    # with the first commit of the minute, its quarter-hour and hour rows (kept eight
+    # days) stay.
     await append_all(store, [timed(NOW - 3 * 24 * HOUR_MS, 0.1, 50.0), timed(NOW, 0.1, 50.0)])
     week = 7 * 24 * HOUR_MS
     with sqlite3.connect(store.path) as conn:
         spans = conn.execute(
             "SELECT DISTINCT span FROM rollup_latency WHERE start < ?", (NOW - 2 * 24 * HOUR_MS,)
         ).fetchall()
-    assert spans == [(HOUR_MS,)]
+    assert sorted(spans) == [(QUARTER_MS,), (HOUR_MS,)]
     series = await store.series(now_ms=NOW, window_ms=week, step_ms=HOUR_MS)
     assert sum(p.count for p in series.ttft) == 2
 
