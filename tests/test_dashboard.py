@@ -116,6 +116,7 @@ async def test_status_shows_the_model_engine_queue_log_and_uploads(
     assert (status.ready, status.state, status.reason) == (True, "ready", "ready")
     assert status.model.name == manifest.name and status.model.sha == manifest.sha256
     assert status.engine.backend == "llamacpp" and status.engine.configuration
+    assert status.engine.cpu_features  # at least the SIMD level this build runs with
     assert status.engine.slots == status.queue.slots == 4
     assert status.queue.busy_slots == status.queue.in_flight == status.queue.queued == 0
     assert status.logs.enabled and status.logs.records == 1

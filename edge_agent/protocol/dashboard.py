@@ -115,6 +115,9 @@ class EngineState(BaseModel):
     )
     configuration_reason: str | None = None
     detail: str = ""
+    cpu_features: list[str] = Field(
+        default_factory=list, description="CPU features the engine's build uses on this box"
+    )
     threads: int
     slots: int = Field(description="sequences decoded together")
     context_length: int

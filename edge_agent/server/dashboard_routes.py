@@ -156,6 +156,7 @@ def box_status(state: AppState) -> BoxStatus:
             configuration=info.configuration,
             configuration_reason=info.configuration_reason,
             detail=info.detail,
+            cpu_features=list(info.cpu_features),
             threads=settings.threads or os.cpu_count() or 1,
             slots=info.parallel,
             context_length=info.context_length,

@@ -239,6 +239,7 @@ function renderStatus(s) {
     ["version", s.model.version],
     ["backend", e.backend + (e.detail ? ` · ${e.detail}` : "")],
     ["configuration", e.configuration || "–", e.configuration_reason || ""],
+    ...(e.cpu_features.length ? [["CPU features", e.cpu_features.join(" ")]] : []),
     ["threads", e.threads],
     ["slots", `${e.slots} × ${e.context_length} tokens`],
     ["prefix cache", e.prefix_cache ? "on" : "off"],
