@@ -6,6 +6,8 @@
     pipeline.openai_chat_completion(messages=[{"role": "user", "content": "hi"}])
     pipeline.openai_completion(prompt="tell me a story", max_tokens=100, stream=True)
     pipeline.logs().iloc[-1]["out.json"]
+    pipeline.logs(start_datetime=yesterday, end_datetime=now, limit=5000)
+    pipeline.stats(window="24h")          # ttft/tps median and p95 per bucket, a DataFrame
     pipeline.generate_api_spec()          # ./<pipeline>.yaml
 
 The OpenAI methods delegate to the ``openai`` package, so they return its own typed
@@ -16,6 +18,7 @@ carrying the server's message (``openai.BadRequestError``, ``openai.NotFoundErro
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -44,6 +47,58 @@ def _load_pandas() -> Any:
             "(pip install 'edge-agent[sdk]' or pip install pandas)"
         ) from None
     return pandas
+
+
+# The most records one GET /logs answers; larger limits are read page by page.
+_PAGE = 1000
+
+
+def _epoch_ms(value: dt.datetime | None) -> int | None:
+    # A naive datetime is local time, as datetime.timestamp() takes it.
+    return None if value is None else int(value.timestamp() * 1000)
+
+
+def _log_query(
+    limit: int, start: dt.datetime | None, end: dt.datetime | None, before: str | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": min(limit, _PAGE)}
+    for name, value in (("start", _epoch_ms(start)), ("end", _epoch_ms(end))):
+        if value is not None:
+            params[name] = value
+    if before is not None:
+        params["before"] = before
+    return params
+
+
+def _stats_frame(body: object) -> pandas.DataFrame:
+    """One row per time bucket that saw requests: percentiles, counts, outcomes, tokens."""
+    pandas = _load_pandas()
+    if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
+        raise TypeError(f"unexpected /stats answer: {body!r}")
+    rows: dict[int, dict[str, Any]] = {}
+    for point in body["requests"]:
+        row = rows.setdefault(point["time"], {})
+        row["requests"] = point["total"]
+        for status, count in point["by_status"].items():
+            row[status] = count
+        row["prompt_tokens"] = point["prompt_tokens"]
+        row["completion_tokens"] = point["completion_tokens"]
+    for metric in ("ttft", "tps"):
+        for point in body[metric]:
+            row = rows.setdefault(point["time"], {})
+            for key in ("p50", "p95", "count"):
+                row[f"{metric}_{key}"] = point[key]
+    columns = [
+        "ttft_p50", "ttft_p95", "ttft_count", "tps_p50", "tps_p95", "tps_count",
+        "requests", "ok", "error", "cancelled", "prompt_tokens", "completion_tokens",
+    ]  # fmt: skip
+    frame = pandas.DataFrame.from_dict(rows, orient="index")
+    frame = frame.reindex(columns=columns + [c for c in frame.columns if c not in columns])
+    counts = [c for c in frame.columns if not c.endswith(("_p50", "_p95"))]
+    frame[counts] = frame[counts].fillna(0).astype("int64")
+    frame.index = pandas.to_datetime(frame.index.astype("int64"), unit="ms", utc=True)
+    frame.index.name = "time"
+    return frame.sort_index()
 
 
 def _logs_frame(records: list[dict[str, Any]]) -> pandas.DataFrame:
@@ -111,9 +166,10 @@ def _pipeline_id(value: object) -> str:
     raise TypeError(f"unexpected /pipelines answer: {value!r}")
 
 
-def _log_page(value: object) -> list[dict[str, Any]]:
+def _log_page(value: object) -> tuple[list[dict[str, Any]], bool]:
+    """The records of one ``GET /logs`` answer, and whether older ones are left."""
     if isinstance(value, dict) and isinstance(value.get("data"), list):
-        return _records(value["data"])
+        return _records(value["data"]), bool(value.get("has_more"))
     raise TypeError(f"unexpected /logs answer: {value!r}")
 
 
@@ -165,15 +221,50 @@ class EdgePipeline(_Base):
         answer = self._http().post(self._infer_path(), cast_to=object, body=records)
         return _records(answer)
 
-    def logs(self, limit: int = 100) -> pandas.DataFrame:
+    def logs(
+        self,
+        limit: int = 100,
+        *,
+        start_datetime: dt.datetime | None = None,
+        end_datetime: dt.datetime | None = None,
+    ) -> pandas.DataFrame:
         """The ``limit`` most recent inference records as a DataFrame, oldest first.
 
-        Columns are the records flattened with dots: ``time``, ``in.*``, ``out.json``,
-        ``params.*``, ``metrics.ttft``, ``metrics.tps``, ``status``...
+        ``start_datetime`` (inclusive) and ``end_datetime`` (exclusive) bound the records'
+        acceptance time; a ``limit`` over 1000 is read page by page. Columns are the
+        records flattened with dots: ``time``, ``in.*``, ``out.json``, ``params.*``,
+        ``metrics.ttft``, ``metrics.tps``, ``status``...
         """
         _load_pandas()  # fail before the request when pandas is missing
-        page = self._http().get("/logs", cast_to=object, options={"params": {"limit": limit}})
-        return _logs_frame(_log_page(page))
+        records: list[dict[str, Any]] = []
+        before: str | None = None
+        while True:  # at least once: a limit below 1 gets the box's own 400
+            query = _log_query(limit - len(records), start_datetime, end_datetime, before)
+            page = self._http().get("/logs", cast_to=object, options={"params": query})
+            found, has_more = _log_page(page)
+            records.extend(found)
+            if not found or not has_more or len(records) >= limit:
+                break
+            before = found[-1]["id"]
+        return _logs_frame(records)
+
+    def stats(self, window: str = "1h", step: str | None = None) -> pandas.DataFrame:
+        """ttft and tps (median, p95, count), requests by outcome and tokens per time bucket.
+
+        ``window`` is ``15m``, ``1h``, ``24h``, ``7d`` (or any span up to 7d); ``step`` the
+        bucket width (the box picks one when left out). Indexed by bucket start (UTC).
+        """
+        _load_pandas()
+        params = {"window": window} | ({"step": step} if step else {})
+        body = self._http().get("/stats", cast_to=object, options={"params": params})
+        return _stats_frame(body)
+
+    def status(self) -> dict[str, Any]:
+        """The box right now: readiness, model, engine, queue, inference log and uploads."""
+        body = self._http().get("/status", cast_to=object)
+        if not isinstance(body, dict):
+            raise TypeError(f"unexpected /status answer: {body!r}")
+        return body
 
     def generate_api_spec(self, path: str | Path | None = None) -> Path:
         """Write the box's OpenAPI 3.1.1 YAML to ``path`` (default ``./<pipeline>.yaml``)."""
@@ -238,10 +329,37 @@ class AsyncEdgePipeline(_Base):
         answer = await self._http().post(self._infer_path(), cast_to=object, body=records)
         return _records(answer)
 
-    async def logs(self, limit: int = 100) -> pandas.DataFrame:
+    async def logs(
+        self,
+        limit: int = 100,
+        *,
+        start_datetime: dt.datetime | None = None,
+        end_datetime: dt.datetime | None = None,
+    ) -> pandas.DataFrame:
         _load_pandas()
-        page = await self._http().get("/logs", cast_to=object, options={"params": {"limit": limit}})
-        return _logs_frame(_log_page(page))
+        records: list[dict[str, Any]] = []
+        before: str | None = None
+        while True:  # at least once: a limit below 1 gets the box's own 400
+            query = _log_query(limit - len(records), start_datetime, end_datetime, before)
+            page = await self._http().get("/logs", cast_to=object, options={"params": query})
+            found, has_more = _log_page(page)
+            records.extend(found)
+            if not found or not has_more or len(records) >= limit:
+                break
+            before = found[-1]["id"]
+        return _logs_frame(records)
+
+    async def stats(self, window: str = "1h", step: str | None = None) -> pandas.DataFrame:
+        _load_pandas()
+        params = {"window": window} | ({"step": step} if step else {})
+        body = await self._http().get("/stats", cast_to=object, options={"params": params})
+        return _stats_frame(body)
+
+    async def status(self) -> dict[str, Any]:
+        body = await self._http().get("/status", cast_to=object)
+        if not isinstance(body, dict):
+            raise TypeError(f"unexpected /status answer: {body!r}")
+        return body
 
     async def generate_api_spec(self, path: str | Path | None = None) -> Path:
         text = await self._http().get("/openapi.yaml", cast_to=str)

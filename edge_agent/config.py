@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     kv_cache_type: KvCacheType = "f16"
     state_dir: Path = Path("/var/lib/edge-agent")
     auth_token: str | None = None
+    # The box's page (/, /dashboard) and its data (/stats, /status): open like /healthz,
+    # or the data behind auth_token too ("token"; the page then asks for it).
+    dashboard_access: Literal["open", "token"] = "open"
     log_format: Literal["auto", "json", "console"] = "auto"
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     logs: LogSettings = LogSettings()

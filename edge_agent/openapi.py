@@ -22,14 +22,17 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from edge_agent.config import Settings
 from edge_agent.manifest import ModelManifest
+from edge_agent.protocol.dashboard import DURATION_PATTERN, BoxStatus, StatsQuery, StatsSeries
 from edge_agent.protocol.edge import (
-    OPEN_PATHS,
+    DASHBOARD_ASSETS,
+    DASHBOARD_PAGES,
     OPENAI_PREFIX,
     SPEC_PATH,
     DeployedModelList,
     Health,
     PipelineList,
     Readiness,
+    open_paths,
 )
 from edge_agent.protocol.logs import LogPage
 from edge_agent.protocol.native import NativeOutputs, NativeRecords
@@ -79,6 +82,8 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (Health, "serialization"),
     (Readiness, "serialization"),
     (LogPage, "serialization"),
+    (StatsSeries, "serialization"),
+    (BoxStatus, "serialization"),
     (ErrorResponse, "serialization"),
     (TokenizePromptRequest, "validation"),
     (TokenizeChatRequest, "validation"),
@@ -493,6 +498,23 @@ def _edge_paths() -> dict[str, Any]:
                         "description": "A record id: only records after it (exclusive)",
                         "schema": {"type": "string"},
                     },
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "required": False,
+                        "description": "A record id: only records before it (the next page)",
+                        "schema": {"type": "string"},
+                    },
+                    *(
+                        {
+                            "name": name,
+                            "in": "query",
+                            "required": False,
+                            "description": f"Epoch milliseconds: records accepted {when}",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 10**15 - 1},
+                        }
+                        for name, when in (("start", "at or after"), ("end", "before"))
+                    ),
                 ],
                 "responses": {
                     "200": {"description": "A page of records", "content": _json(_ref(LogPage))},
@@ -503,11 +525,69 @@ def _edge_paths() -> dict[str, Any]:
     }
 
 
+def _duration_parameter(name: str) -> dict[str, Any]:
+    field = StatsQuery.model_fields[name]
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": field.description,
+        "schema": {"type": "string", "pattern": DURATION_PATTERN},
+    }
+
+
+def _static(operation_id: str, summary: str, media_type: str) -> dict[str, Any]:
+    return _get(
+        operation_id,
+        summary,
+        {
+            "200": {
+                "description": summary,
+                "content": {media_type: {"schema": {"type": "string"}}},
+            },
+            "304": {"description": "Not modified since the ETag given in If-None-Match"},
+        },
+    )
+
+
+def _dashboard_paths() -> dict[str, Any]:
+    paths = {
+        path: _static(
+            "dashboard" if path == "/dashboard" else "home",
+            "The box's own page: charts, state, latest inferences",
+            "text/html",
+        )
+        for path in DASHBOARD_PAGES
+    }
+    for path, name in DASHBOARD_ASSETS.items():
+        kind = "script" if name.endswith(".js") else "stylesheet"
+        media = "text/javascript" if kind == "script" else "text/css"
+        operation_id = "dashboardScript" if kind == "script" else "dashboardStylesheet"
+        paths[path] = _static(operation_id, f"The page's {kind}", media)
+    stats = _get(
+        "stats",
+        "ttft and tps (median, p95, count) and requests per time bucket, from the inference log",
+        {
+            "200": {"description": "The series", "content": _json(_ref(StatsSeries))},
+            **_errors("400", "404"),
+        },
+    )
+    stats["get"]["parameters"] = [_duration_parameter("window"), _duration_parameter("step")]
+    paths["/stats"] = stats
+    paths["/status"] = _get(
+        "status",
+        "Readiness, model, engine configuration, queue, inference log and upload state",
+        {"200": {"description": "The state now", "content": _json(_ref(BoxStatus))}},
+    )
+    return paths
+
+
 def build_spec(settings: Settings, manifest: ModelManifest, *, server_url: str) -> dict[str, Any]:
     """The OpenAPI 3.1.1 document of what this deployment serves at ``server_url``."""
     enabled = openai_enabled(settings, manifest)
     paths = _openai_paths(manifest.name) if enabled else _native_paths(settings.pipeline)
     paths.update(_edge_paths())
+    paths.update(_dashboard_paths())
     _, schemas = _component_schemas()
     components: dict[str, Any] = {
         "schemas": copy.deepcopy(schemas),
@@ -539,8 +619,9 @@ def build_spec(settings: Settings, manifest: ModelManifest, *, server_url: str) 
         spec["security"] = [{"bearerAuth": []}]
         for path, item in paths.items():
             for operation in item.values():
-                if path in OPEN_PATHS:
-                    operation["security"] = []  # health, metrics and this document stay open
+                if path in open_paths(settings.dashboard_access):
+                    # Health, metrics, this document and (by default) the page stay open.
+                    operation["security"] = []
                 else:
                     operation["responses"].update(_errors("401"))
     return spec

@@ -7,6 +7,7 @@ import json
 import sys
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 from openapi_spec_validator import validate
 
+import edge_agent.client
 from edge_agent.client import AsyncEdgePipeline, EdgePipeline
 from edge_agent.engine.backends.llamacpp import LlamaCppBackend
 from edge_agent.manifest import ModelManifest
@@ -122,8 +124,9 @@ def test_native_infer_with_openai_on_is_bad_request_asking_for_extensions(
 
 
 def test_logs_limit_out_of_range_is_bad_request(pipeline: EdgePipeline) -> None:
+    # Above the box's 1000 a page, logs() reads page by page; below 1 the box says no.
     with pytest.raises(openai.BadRequestError, match="limit"):
-        pipeline.logs(limit=5000)
+        pipeline.logs(limit=0)
 
 
 def test_a_token_box_refuses_a_client_without_it(start_daemon: Callable[..., Daemon]) -> None:
@@ -164,6 +167,48 @@ def test_logs_are_a_dataframe_with_the_latest_request_last(pipeline: EdgePipelin
     assert out["usage"]["ttft"] == pytest.approx(latest["metrics.ttft"])
     assert latest["metrics.tps"] > 0
     assert frame["time"].is_monotonic_increasing
+
+
+def test_logs_by_time_range_are_exactly_the_requests_made_in_it(
+    pipeline: EdgePipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline.openai_completion(prompt="before the range", max_tokens=2)
+    start = datetime.now(UTC)
+    prompts = [f"in range {n} {uuid.uuid4().hex}" for n in range(3)]
+    for prompt in prompts:
+        pipeline.openai_completion(prompt=prompt, max_tokens=2)
+    end = datetime.now(UTC) + timedelta(milliseconds=1)
+    pipeline.openai_completion(prompt="after the range", max_tokens=2)
+
+    frame = pipeline.logs(start_datetime=start, end_datetime=end)
+    assert list(frame["in.prompt"]) == prompts  # oldest first, as logs() always is
+    assert list(pipeline.logs(start_datetime=start, limit=2)["in.prompt"]) == [
+        prompts[-1],
+        "after the range",
+    ]
+    # A limit beyond one answer is read page by page; pages of one record show it.
+    monkeypatch.setattr(edge_agent.client, "_PAGE", 1)
+    paged = pipeline.logs(start_datetime=start, end_datetime=end, limit=10)
+    assert list(paged["in.prompt"]) == prompts
+
+
+def test_stats_are_a_dataframe_per_bucket_that_adds_up_to_the_log(pipeline: EdgePipeline) -> None:
+    pipeline.openai_completion(prompt="counted", max_tokens=4)
+    frame = pipeline.stats(window="24h")
+    assert {"ttft_p50", "ttft_p95", "ttft_count", "tps_p50", "requests", "ok"} <= set(frame.columns)
+    assert frame.index.is_monotonic_increasing and str(frame.index.tz) == "UTC"
+    records = pipeline.logs(limit=100_000)
+    assert frame["requests"].sum() == len(records)
+    assert frame["ok"].sum() == (records["status"] == "ok").sum()
+    assert (frame["ttft_p95"].dropna() >= frame["ttft_p50"].dropna()).all()
+    with pytest.raises(openai.BadRequestError, match="window"):
+        pipeline.stats(window="1y")
+
+
+def test_status_is_the_boxs_state(pipeline: EdgePipeline) -> None:
+    status = pipeline.status()
+    assert status["ready"] is True and status["model"]["name"] == MODEL
+    assert status["engine"]["slots"] >= 1
 
 
 def test_the_pipeline_name_comes_from_the_box(pipeline: EdgePipeline) -> None:
@@ -237,6 +282,12 @@ async def test_async_pipeline_has_the_same_methods(daemon: Daemon) -> None:
 
         frame = await pipeline.logs(limit=3)
         assert len(frame) == 3 and "out.json" in frame.columns
+        since = frame["time"].iloc[0].to_pydatetime()
+        window = await pipeline.logs(start_datetime=since, end_datetime=datetime.now(UTC))
+        assert list(window["id"])[-3:] == list(frame["id"])
+        stats = await pipeline.stats(window="1h", step="1h")
+        assert stats["requests"].sum() >= 3 and stats["ttft_count"].sum() >= 2
+        assert (await pipeline.status())["state"] == "ready"
         assert await pipeline.pipeline_name() == "edge-llm"
 
 

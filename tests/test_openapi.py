@@ -33,6 +33,12 @@ EDGE_PATHS = {
     "/logs",
     "/tokenize",
     "/detokenize",
+    "/",
+    "/dashboard",
+    "/dashboard/app.js",
+    "/dashboard/app.css",
+    "/stats",
+    "/status",
 }
 OPENAI_PATHS = {
     f"{OPENAI_PREFIX}/completions",
@@ -96,6 +102,17 @@ def test_the_bearer_scheme_appears_only_with_a_token(manifest: ModelManifest) ->
         assert spec["paths"][path]["get"]["security"] == []
     completions = spec["paths"][f"{OPENAI_PREFIX}/completions"]["post"]
     assert "security" not in completions and "401" in completions["responses"]
+
+
+def test_the_page_is_open_beside_a_token_unless_set_behind_it(manifest: ModelManifest) -> None:
+    spec = spec_for(manifest, auth_token="secret")
+    for path in ("/", "/dashboard/app.js", "/stats", "/status"):
+        assert spec["paths"][path]["get"]["security"] == []
+    guarded = spec_for(manifest, auth_token="secret", dashboard_access="token")["paths"]
+    assert guarded["/"]["get"]["security"] == []  # the page itself carries no data
+    for path in ("/stats", "/status"):
+        assert "security" not in guarded[path]["get"]
+        assert "401" in guarded[path]["get"]["responses"]
 
 
 def test_schemas_are_the_protocol_models(manifest: ModelManifest) -> None:

@@ -135,6 +135,7 @@ class BackendInfo:
     configuration_reason: str | None = None
     restarts: int = 0  # engine processes restarted after dying
     engine_pid: int | None = None  # the engine process, where it runs in one of its own
+    cpu_features: tuple[str, ...] = ()  # what the build uses on this CPU (AVX2, AVX512...)
 
 
 @runtime_checkable

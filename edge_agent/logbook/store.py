@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import structlog
 
+from edge_agent.logbook import rollup
+
 if TYPE_CHECKING:
     from edge_agent.config import LogSettings
 
@@ -67,6 +69,8 @@ CREATE TABLE IF NOT EXISTS records (
 );
 -- Covering index: backlog scans, per-state counts and cap accounting never touch bodies.
 CREATE INDEX IF NOT EXISTS records_state ON records (state, seq, size);
+-- Reads by time range (GET /logs?start=&end=).
+CREATE INDEX IF NOT EXISTS records_time ON records (time);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -163,6 +167,7 @@ class _Row:
     time: int
     body: str
     size: int
+    sample: rollup.Sample
 
 
 @dataclass(slots=True)
@@ -215,6 +220,10 @@ class LogStore:
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
         self._conn: sqlite3.Connection | None = None
+        # Chart queries read on a connection of their own: they never hold up the writer.
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
+        self._pruned_minute = 0
         self._thread = threading.Thread(
             target=self._run, name=f"logbook-writer:{self.path.name}", daemon=True
         )
@@ -262,16 +271,58 @@ class LogStore:
             listener()
 
     async def read(
-        self, limit: int = 100, since: str | None = None
+        self,
+        limit: int = 100,
+        since: str | None = None,
+        *,
+        before: str | None = None,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
     ) -> tuple[list[dict[str, Any]], bool]:
         """Newest first, records with ``id > since`` (exclusive), at most ``limit`` (<= 1000).
 
+        ``before`` bounds the ids from above (exclusive: the next page down), ``start_ms``
+        and ``end_ms`` the records' ``time`` (``start <= time < end``).
         Returns ``(records, has_more)``; ``has_more`` says more such records exist.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
         limit = min(limit, MAX_READ_LIMIT)
-        return await self._call(lambda conn: read_records(conn, limit, since))
+        return await self._call(
+            lambda conn: read_records(
+                conn, limit, since, before=before, start_ms=start_ms, end_ms=end_ms
+            )
+        )
+
+    async def series(self, *, now_ms: int, window_ms: int, step_ms: int) -> rollup.Series:
+        """ttft, tps and request counts per ``step_ms`` bucket over the last ``window_ms``.
+
+        Raises ``ValueError`` for a step the rollups cannot give (see :func:`rollup.span_for`).
+        """
+        rollup.span_for(window_ms, step_ms)
+        if self._closed:
+            raise LogStoreError("the inference log is closed")
+        return await asyncio.to_thread(
+            self._read,
+            lambda conn: rollup.read_series(
+                conn, now_ms=now_ms, window_ms=window_ms, step_ms=step_ms
+            ),
+        )
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+                self._reader.execute("PRAGMA query_only=1")
+                self._reader.execute("PRAGMA busy_timeout=5000")
+            # One read transaction: the series' two queries see the same commit.
+            self._reader.execute("BEGIN")
+            try:
+                return fn(self._reader)
+            finally:
+                self._reader.execute("COMMIT")
 
     def stats(self) -> LogbookStats:
         """A snapshot for metrics; includes the bytes on disk right now."""
@@ -319,6 +370,10 @@ class LogStore:
             self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     async def aclose(self) -> None:
         """:meth:`close` without blocking the event loop while the queue drains."""
@@ -436,6 +491,8 @@ class LogStore:
                 )
                 if cursor.rowcount == 1:  # an id appended twice is stored once
                     inserted.append(row)
+            rollup.add(conn, [row.sample for row in inserted])
+            self._prune_rollup(conn)
             # The estimate above can be short (page overhead): settle the cap exactly.
             held += sum(row.size for row in inserted) - evicted.bytes
             evicted = _merge_evictions(evicted, self._evict(conn, 0, held))
@@ -451,6 +508,13 @@ class LogStore:
         for job in group:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_result(None)
+
+    def _prune_rollup(self, conn: sqlite3.Connection) -> None:
+        # Once a minute at most: the rollup's oldest buckets age out by the clock.
+        minute = time.time_ns() // 1_000_000 // rollup.MINUTE_MS
+        if minute != self._pruned_minute:
+            self._pruned_minute = minute
+            rollup.prune(conn, minute * rollup.MINUTE_MS)
 
     # ------------------------------------------------------------------ cap
 
@@ -579,6 +643,7 @@ class LogStore:
             commits=s.commits + 1,
             dropped_total=s.dropped_total + evicted.dropped,
             dropped_unreported=s.dropped_unreported + evicted.dropped,
+            oldest_pending_ms=oldest,
         )
         if evicted.dropped:
             log.warning(
@@ -645,6 +710,14 @@ class LogStore:
                 self.max_bytes - wal_pages * self._page_size, self.max_bytes // 2
             )
             conn.executescript(_SCHEMA)
+            started = time.monotonic()
+            counted = rollup.migrate(conn)
+            if counted:
+                log.info(
+                    "logbook.rollup_built",
+                    records=counted,
+                    seconds=round(time.monotonic() - started, 2),
+                )
             for key in ("dropped_total", "dropped_unreported"):
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, 0)", (key,))
             self._stats = self._load_stats(conn)
@@ -705,19 +778,35 @@ def _make_row(record: Mapping[str, Any]) -> _Row:
         when = time.time_ns() // 1_000_000
     # default=str: a stray non-JSON value (a Path, a datetime) must not cost the record.
     body = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
-    return _Row(id=record_id, time=when, body=body, size=len(body.encode()))
+    sample = rollup.sample_of(record, when)
+    return _Row(id=record_id, time=when, body=body, size=len(body.encode()), sample=sample)
 
 
 def read_records(
-    conn: sqlite3.Connection, limit: int, since: str | None
+    conn: sqlite3.Connection,
+    limit: int,
+    since: str | None,
+    *,
+    before: str | None = None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
     """The ``GET /logs`` query, shared by the store and the read-only ``logs`` command."""
-    if since is None:
-        cursor = conn.execute("SELECT body FROM records ORDER BY id DESC LIMIT ?", (limit + 1,))
-    else:
-        cursor = conn.execute(
-            "SELECT body FROM records WHERE id > ? ORDER BY id DESC LIMIT ?", (since, limit + 1)
+    bounds = [
+        (clause, value)
+        for clause, value in (
+            ("id > ?", since),
+            ("id < ?", before),
+            ("time >= ?", start_ms),
+            ("time < ?", end_ms),
         )
+        if value is not None
+    ]
+    where = " AND ".join(clause for clause, _ in bounds) or "1"
+    cursor = conn.execute(
+        f"SELECT body FROM records WHERE {where} ORDER BY id DESC LIMIT ?",
+        (*(value for _, value in bounds), limit + 1),
+    )
     bodies = [row[0] for row in cursor.fetchall()]
     return [json.loads(body) for body in bodies[:limit]], len(bodies) > limit
 

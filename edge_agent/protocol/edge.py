@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -10,6 +11,18 @@ OPENAI_PREFIX = "/infer/openai/v1"
 SPEC_PATH = "/openapi.yaml"
 # Paths that stay open when a bearer token is configured: health, metrics, this document.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", SPEC_PATH})
+# The box's page and its files: code without data, loadable by any browser (a navigation
+# cannot carry a bearer token); what it shows comes from the data paths.
+DASHBOARD_PAGES = ("/", "/dashboard")
+DASHBOARD_ASSETS = {"/dashboard/app.js": "app.js", "/dashboard/app.css": "app.css"}
+DASHBOARD_DATA_PATHS = frozenset({"/stats", "/status"})
+
+
+@functools.cache
+def open_paths(dashboard_access: Literal["open", "token"]) -> frozenset[str]:
+    """Paths served without the bearer token; the page's data joins them when it is open."""
+    paths = OPEN_PATHS | set(DASHBOARD_PAGES) | set(DASHBOARD_ASSETS)
+    return paths | DASHBOARD_DATA_PATHS if dashboard_access == "open" else paths
 
 
 class PipelineStatus(BaseModel):

@@ -14,8 +14,9 @@ from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
 from edge_agent.logbook import LogbookCollector, LogStore, Uploader
 from edge_agent.manifest import ModelManifest
-from edge_agent.protocol.edge import SPEC_PATH
+from edge_agent.protocol.edge import DASHBOARD_ASSETS, DASHBOARD_PAGES, SPEC_PATH
 from edge_agent.server import (
+    dashboard_routes,
     edge_routes,
     logs_routes,
     native_routes,
@@ -88,6 +89,12 @@ def create_app(
     app.router.add_post("/tokenize", tokenize_routes.tokenize)
     app.router.add_post("/detokenize", tokenize_routes.detokenize)
     app.router.add_get(SPEC_PATH, edge_routes.openapi_yaml)
+    for path in DASHBOARD_PAGES:
+        app.router.add_get(path, dashboard_routes.page)
+    for path in DASHBOARD_ASSETS:
+        app.router.add_get(path, dashboard_routes.asset)
+    app.router.add_get("/stats", dashboard_routes.stats)
+    app.router.add_get("/status", dashboard_routes.status)
     if log_store is not None:
         # The store and the uploader know nothing of metrics: they are read from here.
         collector = LogbookCollector(log_store)
@@ -123,6 +130,7 @@ async def _start_uploader(app: web.Application) -> None:
     uploader = Uploader(state.log_store, state.settings.upload, socket.gethostname())
     await uploader.start()
     app[_UPLOADER_KEY] = uploader
+    state.uploader = uploader
     app[_LOGBOOK_METRICS_KEY].uploader = uploader
 
 

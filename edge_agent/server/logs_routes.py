@@ -20,6 +20,22 @@ async def recent_logs(request: web.Request) -> web.Response:
         raise InvalidRequest(
             f"limit: must be a whole number from 1 to {MAX_READ_LIMIT}", param="limit"
         )
-    records, has_more = await store.read(limit=int(raw_limit), since=request.query.get("since"))
+    start_ms, end_ms = _epoch_ms(request, "start"), _epoch_ms(request, "end")
+    records, has_more = await store.read(
+        limit=int(raw_limit),
+        since=request.query.get("since"),
+        before=request.query.get("before"),
+        start_ms=start_ms,
+        end_ms=end_ms,
+    )
     page = LogPage(data=[LogRecord.model_validate(r) for r in records], has_more=has_more)
     return json_response(page)
+
+
+def _epoch_ms(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 15:
+        raise InvalidRequest(f"{name}: epoch milliseconds, a whole number", param=name)
+    return int(raw)

@@ -18,7 +18,7 @@ from edge_agent.errors import (
     MethodNotAllowed,
     NotFound,
 )
-from edge_agent.protocol.edge import OPEN_PATHS
+from edge_agent.protocol.edge import open_paths
 from edge_agent.server.engine_errors import as_api_error
 from edge_agent.server.state import state_of
 from edge_agent.server.wire import json_response
@@ -68,8 +68,9 @@ def _http_error(exc: web.HTTPException) -> ApiError:
 
 @web.middleware
 async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = state_of(request).settings.auth_token
-    if token and request.path not in OPEN_PATHS:
+    settings = state_of(request).settings
+    token = settings.auth_token
+    if token and request.path not in open_paths(settings.dashboard_access):
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):

@@ -12,7 +12,7 @@ from edge_agent.config import Settings
 from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
 from edge_agent.errors import Draining, EngineRestarting, ModelNotReady
-from edge_agent.logbook import LogStore
+from edge_agent.logbook import LogStore, Uploader
 from edge_agent.manifest import ModelManifest
 
 ModelStatus = Literal["Loading", "Running", "Error"]
@@ -39,6 +39,7 @@ class AppState:
     scheduler: Scheduler
     records: RecordSink = field(default_factory=DiscardingSink)
     log_store: LogStore | None = None  # the durable inference log, when logging is on
+    uploader: Uploader | None = None  # ships log_store's records, once the app has started
     status: ModelStatus = "Loading"
     status_detail: str = "model is loading"
     started_at: float = field(default_factory=time.time)

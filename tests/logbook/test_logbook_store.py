@@ -314,3 +314,14 @@ async def test_parked_records_can_be_requeued(store: LogStore) -> None:
     assert (store.stats().pending, store.stats().parked_records) == (6, 0)
     again = await store.pending_batch(max_records=10, max_bytes=1 << 20)
     assert [r.seq for r in again.records][:4] == [r.seq for r in batch.records]
+
+
+async def test_the_backlog_age_starts_with_the_first_pending_record(tmp_path: Path) -> None:
+    store = LogStore.from_settings(tmp_path, LogSettings())
+    try:
+        first, second = make_record(0), make_record(1, time=make_record()["time"] + 5)
+        await append_all(store, [first])
+        await append_all(store, [second])
+        assert store.stats().oldest_pending_ms == first["time"]
+    finally:
+        store.close()

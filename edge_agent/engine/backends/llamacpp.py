@@ -9,6 +9,7 @@ tokenizer in this process, and the routing of step outputs to each request's str
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 from collections.abc import AsyncGenerator, Sequence
@@ -92,6 +93,7 @@ class LlamaCppFront:
             configuration_reason=verdict.reason if verdict else None,
             restarts=self.restarts,
             engine_pid=self.engine_pid,
+            cpu_features=cpu_features(),
         )
 
     @property
@@ -311,3 +313,16 @@ class LlamaCppBackend(LlamaCppFront):
             self._engine.close()
             self._engine = None
         self._free_front()
+
+
+@functools.cache
+def cpu_features() -> tuple[str, ...]:
+    """The CPU features this llama.cpp build uses here, as its system info lists them on."""
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    features = []
+    for part in info.replace("|", "\n").splitlines():
+        name, _, value = part.rpartition("=")
+        name = name.split(":")[-1].strip()
+        if name and value.strip() == "1":
+            features.append(name)
+    return tuple(dict.fromkeys(features))
