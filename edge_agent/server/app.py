@@ -15,7 +15,13 @@ from edge_agent.engine.types import Backend
 from edge_agent.logbook import LogbookCollector, LogStore, Uploader
 from edge_agent.manifest import ModelManifest
 from edge_agent.protocol.edge import SPEC_PATH
-from edge_agent.server import edge_routes, logs_routes, native_routes, openai_routes
+from edge_agent.server import (
+    edge_routes,
+    embeddings_routes,
+    logs_routes,
+    native_routes,
+    openai_routes,
+)
 from edge_agent.server.middleware import bearer_token, errors_as_envelopes
 from edge_agent.server.params import model_defaults
 from edge_agent.server.state import STATE_KEY, AppState, DiscardingSink, RecordSink
@@ -70,6 +76,7 @@ def create_app(
     prefix = openai_routes.PREFIX
     app.router.add_post(f"{prefix}/completions", openai_routes.completions)
     app.router.add_post(f"{prefix}/chat/completions", openai_routes.chat_completions)
+    app.router.add_post(f"{prefix}/embeddings", embeddings_routes.embeddings)
     app.router.add_get(f"{prefix}/models", openai_routes.list_models)
     app.router.add_post("/infer", native_routes.infer)
     app.router.add_post("/pipelines/{pipeline}", native_routes.pipeline_infer)

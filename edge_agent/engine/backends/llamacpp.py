@@ -28,6 +28,8 @@ from edge_agent.engine.types import (
     BackendError,
     BackendInfo,
     ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
     GenerationRequest,
     SamplingParams,
     TokenEvent,
@@ -55,8 +57,14 @@ class LlamaCppFront:
         expected_sha256: str | None = None,
         cpu_repack: CpuRepack = "auto",
         probe_cache: Path | None = None,
+        embedding_max_tokens: int = 512,
+        embedding_sequences: int = 16,
     ) -> None:
-        """``expected_sha256``: refuse to load a file whose digest differs (the manifest's)."""
+        """``expected_sha256``: refuse to load a file whose digest differs (the manifest's).
+
+        ``embedding_max_tokens``: tokens per embedding batch, and so the most one input may
+        have; ``embedding_sequences``: inputs per embedding batch.
+        """
         self._path = gguf_path
         self._expected_sha256 = expected_sha256
         self._n_ctx_seq = context_length
@@ -72,6 +80,11 @@ class LlamaCppFront:
         self.verdict: Verdict | None = None
         self._keys = itertools.count(1)
         self._inboxes: dict[int, asyncio.Queue[Delivery]] = {}
+        self._embedding_max_tokens = embedding_max_tokens
+        self._embedding_sequences = embedding_sequences
+        self._embedding_length = 0
+        # Embedding requests awaiting their vectors, by key (the process backend's).
+        self._embeddings: dict[int, asyncio.Future[tuple[tuple[float, ...], ...]]] = {}
 
     restarts = 0
 
@@ -88,6 +101,8 @@ class LlamaCppFront:
             configuration_reason=verdict.reason if verdict else None,
             restarts=self.restarts,
             engine_pid=self.engine_pid,
+            embedding_length=self._embedding_length,
+            embedding_max_tokens=self._embedding_max_tokens,
         )
 
     @property
@@ -107,6 +122,8 @@ class LlamaCppFront:
             n_batch=self._n_batch,
             prefix_cache=self._prefix_cache,
             config=config,
+            embedding_max_tokens=self._embedding_max_tokens,
+            embedding_sequences=self._embedding_sequences,
         )
 
     async def _prepare(self) -> CpuConfig:
@@ -148,6 +165,7 @@ class LlamaCppFront:
         quiet_llama_logs()
         self._vocab_model = load_vocab_only(self._path)
         self._vocab = Vocabulary(self._vocab_model)
+        self._embedding_length = llama_cpp.llama_model_n_embd(self._vocab_model)
 
     def _free_front(self) -> None:
         if self._vocab_model:
@@ -187,7 +205,11 @@ class LlamaCppFront:
         inboxes, self._inboxes = self._inboxes, {}
         for inbox in inboxes.values():
             inbox.put_nowait(error)
-        return len(inboxes)
+        embeddings, self._embeddings = self._embeddings, {}
+        for future in embeddings.values():
+            if not future.done():
+                future.set_exception(error)
+        return len(inboxes) + len(embeddings)
 
     def _submit(self, key: int, request: GenerationRequest) -> None:
         raise NotImplementedError
@@ -284,6 +306,13 @@ class LlamaCppBackend(LlamaCppFront):
         sequence = self._sequences.pop(key, None)
         if sequence is not None:
             sequence.cancelled = True
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        engine = self._engine
+        if engine is None or engine.embedder is None:
+            raise BackendError("model is not loaded")
+        vectors = await asyncio.to_thread(engine.embedder.embed, request.inputs)
+        return EmbeddingResult(tuple(vectors))
 
     async def close(self) -> None:
         # Joining the decode thread and freeing the KV cache take a while: off the loop.

@@ -22,6 +22,7 @@ import structlog
 
 from edge_agent.engine.backends.llamacpp_batch import DecodeLoop, StepSink
 from edge_agent.engine.backends.llamacpp_config import CpuConfig
+from edge_agent.engine.backends.llamacpp_embed import Embedder
 from edge_agent.engine.backends.llamacpp_vocab import Vocabulary
 from edge_agent.engine.types import BackendError
 
@@ -43,6 +44,10 @@ class EngineOptions:
     n_batch: int
     prefix_cache: bool
     config: CpuConfig
+    # The embedding context (made on first use): tokens per batch, which is also the
+    # most one input may have, and inputs per batch.
+    embedding_max_tokens: int = 512
+    embedding_sequences: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,7 @@ class LlamaCppEngine:
         self.vocab: Vocabulary | None = None
         self.n_ctx_seq = options.context_length
         self.loop: DecodeLoop | None = None
+        self.embedder: Embedder | None = None
 
     def load(self) -> None:
         options = self.options
@@ -83,6 +89,13 @@ class LlamaCppEngine:
         if not self._model:
             raise BackendError(f"llama.cpp could not load {options.gguf_path}")
         self.vocab = Vocabulary(self._model)
+        self.embedder = Embedder(
+            self._model,
+            n_vocab=self.vocab.n_vocab,
+            max_tokens=options.embedding_max_tokens,
+            max_sequences=options.embedding_sequences,
+            threads=options.threads,
+        )
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = options.context_length * options.parallel
         ctx_params.n_seq_max = options.parallel
@@ -172,6 +185,9 @@ class LlamaCppEngine:
         if self.loop is not None:
             self.loop.stop()
             self.loop = None
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None

@@ -30,6 +30,8 @@ from edge_agent.engine.types import (
     BackendError,
     BackendInfo,
     ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
     EngineRestarted,
     EngineUnavailable,
     FinishReason,
@@ -414,6 +416,13 @@ class VllmBackend:
         self.restarts += 1
         self.last_restart_s = time.perf_counter() - died_at
         log.info("engine_restarted", backend="vllm", seconds=round(self.last_restart_s, 3))
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        # vLLM embeds only with a pooling model (its runner="pooling", AsyncLLM.encode);
+        # the engine this backend starts is a generation one, which vLLM refuses to pool.
+        raise UnsupportedFeature(
+            "embeddings", "the vLLM backend serves a generation model; it has no embeddings"
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         engine = self._engine
