@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 import structlog
 from aiohttp import web
@@ -18,7 +18,7 @@ from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_r
 from edge_agent.server.openai_responses import ResponseBuilder, response_builder
 from edge_agent.server.params import model_defaults
 from edge_agent.server.records import RequestLedger
-from edge_agent.server.sse import SseWriter
+from edge_agent.server.sse import SseWriter, keep_alive
 from edge_agent.server.state import AppState, state_of
 from edge_agent.server.wire import json_response
 
@@ -92,8 +92,9 @@ async def _stream(
     for opening in builder.opening_chunks():
         await writer.send(opening)
     remaining = len(prepared.sequences)
+    steps = keep_alive(_choices(state, prepared, clock), writer, state.settings.sse_ping_s)
     try:
-        async for index, step in _choices(state, prepared, clock):
+        async for index, step in steps:
             builder.add(index, step)
             if step.finish_reason is None:
                 if step.text or prepared.logprobs is not None:
@@ -120,7 +121,7 @@ async def _stream(
 
 async def _choices(
     state: AppState, prepared: PreparedRequest, clock: GenerationClock
-) -> AsyncIterator[tuple[int, Step]]:
+) -> AsyncGenerator[tuple[int, Step], None]:
     """All choices' steps as they come, tagged with the choice index."""
     runs = [
         state.scheduler.run(sequence, stops=prepared.stops, clock=clock)
