@@ -15,6 +15,9 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", SPEC_PATH})
 class PipelineStatus(BaseModel):
     id: str
     status: Literal["Running", "Error"]
+    version: str = Field(
+        description="the pipeline's version: a uuid that changes with its model or weights"
+    )
 
 
 class PipelineList(BaseModel):

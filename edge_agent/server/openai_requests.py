@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -41,6 +41,8 @@ class PreparedRequest:
     include_usage: bool
     logprobs: int | None
     echo: bool
+    # The parameters as the client gave them, for the response's request_params.
+    user_params: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_request(endpoint: Endpoint, raw: bytes) -> CompletionRequest | ChatCompletionRequest:
@@ -160,6 +162,9 @@ async def prepare(
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         logprobs=logprobs,
         echo=bool(getattr(request, "echo", False)),
+        user_params=request.model_dump(
+            mode="json", by_alias=True, exclude_unset=True, exclude={"prompt", "messages"}
+        ),
     )
 
 
