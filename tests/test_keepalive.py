@@ -88,7 +88,8 @@ async def test_a_queued_stream_gets_keep_alives_and_the_sdk_ignores_them(
         },
     )
     assert (await busy.content.readline()).startswith(b"data: ")  # it is decoding now
-    body = {"prompt": "The factory opened", "max_tokens": 8, "temperature": 0}
+    prompt, max_tokens = "The factory opened", 8
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     sdk = openai.AsyncOpenAI(
         base_url=str(client.make_url("/infer/openai/v1")), api_key="none", max_retries=0
     )
@@ -96,10 +97,13 @@ async def test_a_queued_stream_gets_keep_alives_and_the_sdk_ignores_them(
     async def raw() -> bytes:
         response = await client.post(COMPLETIONS, json={**body, "stream": True})
         assert response.status == 200
-        return await response.read()
+        body: bytes = await response.read()
+        return body
 
     async def through_sdk() -> str:
-        stream = await sdk.completions.create(model="", stream=True, **body)
+        stream = await sdk.completions.create(
+            model="", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+        )
         return "".join([chunk.choices[0].text async for chunk in stream])
 
     raw_body, sdk_text = await asyncio.gather(raw(), through_sdk())

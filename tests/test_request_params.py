@@ -45,9 +45,12 @@ async def test_the_body_carries_the_parameters_as_given(make_client: Callable[..
 
 async def test_a_stream_carries_them_once_beside_usage(make_client: Callable[..., Any]) -> None:
     client = await make_client()
-    chat = {"model": "", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     stream = await sdk(client).chat.completions.create(
-        stream=True, stream_options={"include_usage": True}, **chat
+        model="",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = [chunk async for chunk in stream]
     carrying = [c for c in chunks if (c.model_extra or {}).get("request_params") is not None]
