@@ -97,8 +97,8 @@ async def test_a_queued_stream_gets_keep_alives_and_the_sdk_ignores_them(
     async def raw() -> bytes:
         response = await client.post(COMPLETIONS, json={**body, "stream": True})
         assert response.status == 200
-        body: bytes = await response.read()
-        return body
+        answer: bytes = await response.read()
+        return answer
 
     async def through_sdk() -> str:
         stream = await sdk.completions.create(
