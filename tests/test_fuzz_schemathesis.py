@@ -221,3 +221,27 @@ def test_the_document_refuses_what_the_server_refuses(
     assert status == 400, answer
     spec = build_spec(Settings(), manifest, server_url=daemon.url)
     assert not _request_schema_accepts(spec, "CompletionRequest", body)
+
+
+EMBEDDINGS = "/infer/openai/v1/embeddings"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"input": ""}, id="empty-input"),
+        pytest.param({"input": []}, id="no-inputs"),
+        pytest.param({"input": [[]]}, id="empty-token-list"),
+        pytest.param({"input": [-1]}, id="negative-token"),
+        pytest.param({"input": ["a"] * 2049}, id="2049-inputs"),
+        pytest.param({"input": "hi", "dimensions": 0}, id="dimensions-zero"),
+        pytest.param({"input": "hi", "encoding_format": "int8"}, id="encoding-format"),
+    ],
+)
+def test_the_document_refuses_the_embeddings_the_server_refuses(
+    daemon: Daemon, manifest: ModelManifest, body: dict[str, Any]
+) -> None:
+    status, answer = _post(daemon, EMBEDDINGS, body)
+    assert status == 400, answer
+    spec = build_spec(Settings(), manifest, server_url=daemon.url)
+    assert not _request_schema_accepts(spec, "EmbeddingsRequest", body)
