@@ -98,27 +98,27 @@ class OpenAISection(BaseModel):
 
 
 class EmbeddingSection(BaseModel):
-    """``[embedding]``: how the model serves ``/infer/openai/v1/embeddings``."""
+    """``[embedding]``: how ``/infer/openai/v1/embeddings`` is served.
+
+    By the model itself, or by a separate embedding model (``[embedding.gguf]``, served
+    beside the chat model under ``name``): the engine loads its weights too.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    # The separate model's id in /infer/openai/v1/models and in its answers.
+    name: str | None = Field(default=None, min_length=1)
+    gguf: GgufArtifact | None = None
     # Tokens one input may have; also the tokens one embedding batch holds.
     max_input_tokens: int = Field(default=512, ge=8, le=32768)
     # Inputs embedded together in one llama_decode.
     batch_inputs: int = Field(default=16, ge=1, le=256)
-    # A separate GGUF to embed with (an embedding model beside the chat model). The key is
-    # reserved: serving a second model is not built yet, and a manifest naming one is
-    # refused at load rather than silently embedding with the chat model.
-    gguf: GgufArtifact | None = None
 
     @model_validator(mode="after")
-    def _one_model(self) -> EmbeddingSection:
-        if self.gguf is not None:
-            raise ValueError(
-                "a separate embedding model is not supported yet: remove [embedding.gguf] "
-                "to embed with the model itself"
-            )
+    def _named(self) -> EmbeddingSection:
+        if (self.gguf is None) != (self.name is None):
+            raise ValueError("a separate embedding model needs both name and [embedding.gguf]")
         return self
 
 
@@ -155,6 +155,17 @@ class ModelManifest(BaseModel):
         if self.gguf is None:
             raise ManifestError(f"model {self.name!r} has no GGUF artifact for llama.cpp")
         return self.gguf.resolve(self.source.parent)
+
+    @property
+    def embedding_model(self) -> str:
+        """The id embeddings are answered under: the separate model's, else this model's."""
+        return self.embedding.name or self.name
+
+    def embedding_gguf_path(self) -> Path | None:
+        """The separate embedding model's GGUF, or None to embed with this model."""
+        if self.embedding.gguf is None:
+            return None
+        return self.embedding.gguf.resolve(self.source.parent)
 
 
 def manifest_dirs() -> list[Path]:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openai
 import pytest
 
+from edge_agent.engine.backend_choice import BackendChoice, build_backend
 from edge_agent.engine.backends.llamacpp_embed import batches
+from edge_agent.manifest import ModelManifest, load_manifest
+from edge_agent.server.app import create_app, wait_until_loaded
 from edge_agent.server.state import STATE_KEY
-from tests.conftest import Daemon, RecordingSink
+from tests.conftest import Daemon, RecordingSink, make_settings
 
 MODEL = "smollm2-135m-instruct"
 PATH = "/infer/openai/v1/embeddings"
@@ -122,7 +126,7 @@ async def test_token_ids_embed_like_their_text(make_client: Callable[..., Any]) 
     status, by_text = await post(client, {"input": TEXTS[3]})
     assert status == 200
     tokens = by_text["usage"]["prompt_tokens"]
-    ids = client.app[STATE_KEY].backend.tokenize(TEXTS[3], add_special=True, parse_special=False)
+    ids = client.app[STATE_KEY].backend.tokenize_for_embedding(TEXTS[3])
     assert len(ids) == tokens
     status, by_ids = await post(client, {"input": ids})
     assert status == 200, by_ids
@@ -206,3 +210,38 @@ async def test_embeddings_are_refused_with_openai_off(make_client: Callable[...,
     status, answer = await post(client, {"input": "hi"})
     assert status == 400
     assert answer["error"]["message"].startswith("Inference failed. Please apply")
+
+
+async def test_a_separate_embedding_model_serves_beside_the_chat_model(
+    aiohttp_client: Any, manifest: ModelManifest, tmp_path: Path
+) -> None:
+    # The default model's own GGUF stands in for an embedding model: a second set of
+    # weights in the engine process, its own tokenizer and id, and the chat model beside it.
+    gguf = manifest.gguf
+    assert gguf is not None and gguf.package is not None
+    weights = f'package = "{gguf.package}"\nfile = "{gguf.file}"\nsha256 = "{gguf.sha256}"\n'
+    path = tmp_path / "with-embedder.toml"
+    path.write_text(
+        f'name = "{MODEL}"\n[gguf]\n{weights}'
+        f'[embedding]\nname = "embedder"\n[embedding.gguf]\n{weights}'
+    )
+    separate = load_manifest(str(path))
+    settings = make_settings(tmp_path, parallel=1)
+    backend = build_backend(BackendChoice("llamacpp", "tests"), separate, settings)
+    app = create_app(settings, separate, backend)
+    client = await aiohttp_client(app)
+    await wait_until_loaded(app)
+
+    models = await (await client.get("/infer/openai/v1/models")).json()
+    assert [card["id"] for card in models["data"]] == [MODEL, "embedder"]
+    status, answer = await post(client, {"input": TEXTS[:2]})
+    assert status == 200, answer
+    assert answer["model"] == "embedder"
+    matrix = np.array([item["embedding"] for item in answer["data"]])
+    assert matrix.shape == (2, WIDTH)
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-5)
+    chat = await client.post(
+        "/infer/openai/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
+    assert chat.status == 200 and (await chat.json())["model"] == MODEL

@@ -50,12 +50,27 @@ def test_stream_in_a_models_defaults_fails_the_load_with_one_line(
     assert f"openai.{table}" in message and "stream cannot be configured" in message
 
 
-def test_a_separate_embedding_model_is_refused_until_it_is_served(tmp_path: Path) -> None:
+def test_a_separate_embedding_model_is_named_and_resolved(tmp_path: Path) -> None:
     path = manifest_file(
         tmp_path,
+        '[embedding]\nname = "embedder"\n'
         '[embedding.gguf]\npath = "e.gguf"\nsha256 = "' + "1" * 64 + '"\n',
     )
-    with pytest.raises(ManifestError, match="separate embedding model is not supported"):
+    manifest = load_manifest(str(path))
+    assert manifest.embedding_model == "embedder"
+    assert manifest.embedding_gguf_path() == tmp_path / "e.gguf"
+
+
+def test_without_one_the_model_embeds_under_its_own_name(tmp_path: Path) -> None:
+    manifest = load_manifest(str(manifest_file(tmp_path, "")))
+    assert manifest.embedding_model == "m" and manifest.embedding_gguf_path() is None
+
+
+def test_a_separate_embedding_model_needs_a_name(tmp_path: Path) -> None:
+    path = manifest_file(
+        tmp_path, '[embedding.gguf]\npath = "e.gguf"\nsha256 = "' + "1" * 64 + '"\n'
+    )
+    with pytest.raises(ManifestError, match="needs both name and"):
         load_manifest(str(path))
 
 

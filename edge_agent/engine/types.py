@@ -143,6 +143,9 @@ class Backend(Protocol):
 
     def detokenize(self, token_ids: Sequence[int]) -> str: ...
 
+    def tokenize_for_embedding(self, text: str) -> list[int]:
+        """Token ids of an embedding input, in the vocabulary of the model that embeds it."""
+
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         """Apply the model's own chat template, ending with the assistant's turn opened."""
 

@@ -53,7 +53,7 @@ async def embeddings(request: web.Request) -> web.Response:
             Embedding(index=i, embedding=_encode(vector, parsed.encoding_format))
             for i, vector in enumerate(result.vectors)
         ]
-        body = EmbeddingsResponse(data=data, model=state.manifest.name, usage=usage)
+        body = EmbeddingsResponse(data=data, model=state.manifest.embedding_model, usage=usage)
         response = json_response(body)
         ledger.response_json = body.model_copy(
             update={"data": [item.model_copy(update={"embedding": []}) for item in data]}
@@ -86,9 +86,7 @@ def _as_tokens(parsed: EmbeddingsRequest, backend: Backend) -> list[list[int]]:
     if all(isinstance(item, int) for item in given):
         return [[int(item) for item in given]]  # type: ignore[arg-type]
     return [
-        backend.tokenize(item, add_special=True, parse_special=False)
-        if isinstance(item, str)
-        else list(item)  # type: ignore[arg-type]
+        backend.tokenize_for_embedding(item) if isinstance(item, str) else list(item)  # type: ignore[arg-type]
         for item in given
     ]
 
@@ -100,11 +98,6 @@ def _check_inputs(inputs: list[list[int]], info: BackendInfo) -> None:
             raise ContextLengthExceeded(
                 f"input[{index}] has {len(tokens)} tokens; this model embeds at most "
                 f"{limit} per input",
-                param="input",
-            )
-        if info.vocab_size and any(token >= info.vocab_size for token in tokens):
-            raise InvalidRequest(
-                f"input[{index}]: token id outside the vocabulary (0 to {info.vocab_size - 1})",
                 param="input",
             )
 

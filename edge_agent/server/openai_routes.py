@@ -39,8 +39,12 @@ async def list_models(request: web.Request) -> web.Response:
     state = state_of(request)
     if not state.manifest.openai.enabled:
         raise OpenAIDisabled()
-    card = ModelCard(id=state.manifest.name, created=int(state.started_at))
-    return json_response(ModelList(data=[card]))
+    manifest = state.manifest
+    served = [manifest.name]
+    if manifest.embedding.enabled and manifest.embedding.name is not None:
+        served.append(manifest.embedding.name)  # a separate embedding model
+    cards = [ModelCard(id=name, created=int(state.started_at)) for name in served]
+    return json_response(ModelList(data=cards))
 
 
 async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:

@@ -59,11 +59,14 @@ class LlamaCppFront:
         probe_cache: Path | None = None,
         embedding_max_tokens: int = 512,
         embedding_sequences: int = 16,
+        embedding_gguf: Path | None = None,
+        embedding_sha256: str | None = None,
     ) -> None:
         """``expected_sha256``: refuse to load a file whose digest differs (the manifest's).
 
         ``embedding_max_tokens``: tokens per embedding batch, and so the most one input may
-        have; ``embedding_sequences``: inputs per embedding batch.
+        have; ``embedding_sequences``: inputs per embedding batch; ``embedding_gguf``: a
+        separate embedding model (with its manifest digest), None to embed with this one.
         """
         self._path = gguf_path
         self._expected_sha256 = expected_sha256
@@ -83,6 +86,10 @@ class LlamaCppFront:
         self._embedding_max_tokens = embedding_max_tokens
         self._embedding_sequences = embedding_sequences
         self._embedding_length = 0
+        self._embedding_path = embedding_gguf
+        self._embedding_sha256 = embedding_sha256
+        self._embedding_vocab_model: Any = None
+        self._embedding_vocab: Vocabulary | None = None
         # Embedding requests awaiting their vectors, by key (the process backend's).
         self._embeddings: dict[int, asyncio.Future[tuple[tuple[float, ...], ...]]] = {}
 
@@ -124,6 +131,7 @@ class LlamaCppFront:
             config=config,
             embedding_max_tokens=self._embedding_max_tokens,
             embedding_sequences=self._embedding_sequences,
+            embedding_gguf=self._embedding_path,
         )
 
     async def _prepare(self) -> CpuConfig:
@@ -166,8 +174,27 @@ class LlamaCppFront:
         self._vocab_model = load_vocab_only(self._path)
         self._vocab = Vocabulary(self._vocab_model)
         self._embedding_length = llama_cpp.llama_model_n_embd(self._vocab_model)
+        if self._embedding_path is not None:
+            self._load_embedding_vocab(self._embedding_path)
+
+    def _load_embedding_vocab(self, path: Path) -> None:
+        """The separate embedding model's tokenizer, after the same digest check."""
+        if not path.is_file():
+            raise BackendError(f"embedding model file not found: {path}")
+        if self._embedding_sha256 is not None:
+            digest = sha256_of(path)
+            if digest != self._embedding_sha256:
+                raise BackendError(
+                    f"{path} has sha256 {digest}, the manifest says {self._embedding_sha256}"
+                )
+        self._embedding_vocab_model = load_vocab_only(path)
+        self._embedding_vocab = Vocabulary(self._embedding_vocab_model)
+        self._embedding_length = llama_cpp.llama_model_n_embd(self._embedding_vocab_model)
 
     def _free_front(self) -> None:
+        if self._embedding_vocab_model:
+            llama_cpp.llama_model_free(self._embedding_vocab_model)
+            self._embedding_vocab_model = None
         if self._vocab_model:
             llama_cpp.llama_model_free(self._vocab_model)
             self._vocab_model = None
@@ -186,6 +213,10 @@ class LlamaCppFront:
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self._require_vocab().detokenize(token_ids)
+
+    def tokenize_for_embedding(self, text: str) -> list[int]:
+        vocab = self._embedding_vocab or self._require_vocab()
+        return vocab.tokenize(text, add_special=True, parse_special=False)
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         return self._require_vocab().render_chat(messages)

@@ -48,6 +48,8 @@ class EngineOptions:
     # most one input may have, and inputs per batch.
     embedding_max_tokens: int = 512
     embedding_sequences: int = 16
+    # A separate embedding model, loaded beside the chat model; None embeds with it.
+    embedding_gguf: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,7 @@ class LlamaCppEngine:
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
         self._model: Any = None
+        self._embedding_model: Any = None
         self._ctx: Any = None
         self.vocab: Vocabulary | None = None
         self.n_ctx_seq = options.context_length
@@ -89,9 +92,20 @@ class LlamaCppEngine:
         if not self._model:
             raise BackendError(f"llama.cpp could not load {options.gguf_path}")
         self.vocab = Vocabulary(self._model)
+        embedding_model = self._model
+        if options.embedding_gguf is not None:
+            # Loaded the way the chat model is: the CPU configuration that decoded here.
+            self._embedding_model = llama_cpp.llama_model_load_from_file(
+                str(options.embedding_gguf).encode(), model_params
+            )
+            if not self._embedding_model:
+                raise BackendError(f"llama.cpp could not load {options.embedding_gguf}")
+            embedding_model = self._embedding_model
         self.embedder = Embedder(
-            self._model,
-            n_vocab=self.vocab.n_vocab,
+            embedding_model,
+            n_vocab=llama_cpp.llama_vocab_n_tokens(
+                llama_cpp.llama_model_get_vocab(embedding_model)
+            ),
             max_tokens=options.embedding_max_tokens,
             max_sequences=options.embedding_sequences,
             threads=options.threads,
@@ -191,6 +205,9 @@ class LlamaCppEngine:
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        if self._embedding_model:
+            llama_cpp.llama_model_free(self._embedding_model)
+            self._embedding_model = None
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None
