@@ -20,6 +20,7 @@ import structlog
 
 from edge_agent.engine.backends.llamacpp_batch import SequenceState, StepOutput
 from edge_agent.engine.backends.llamacpp_config import CONFIGS, CpuConfig, CpuRepack, ladder
+from edge_agent.engine.backends.llamacpp_embed import embedding_length
 from edge_agent.engine.backends.llamacpp_engine import EngineOptions, LlamaCppEngine
 from edge_agent.engine.backends.llamacpp_probe import Verdict, VerdictCache, select_config
 from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, grammar_for
@@ -173,7 +174,7 @@ class LlamaCppFront:
         quiet_llama_logs()
         self._vocab_model = load_vocab_only(self._path)
         self._vocab = Vocabulary(self._vocab_model)
-        self._embedding_length = llama_cpp.llama_model_n_embd(self._vocab_model)
+        self._embedding_length = embedding_length(self._vocab_model)
         if self._embedding_path is not None:
             self._load_embedding_vocab(self._embedding_path)
 
@@ -189,7 +190,7 @@ class LlamaCppFront:
                 )
         self._embedding_vocab_model = load_vocab_only(path)
         self._embedding_vocab = Vocabulary(self._embedding_vocab_model)
-        self._embedding_length = llama_cpp.llama_model_n_embd(self._embedding_vocab_model)
+        self._embedding_length = embedding_length(self._embedding_vocab_model)
 
     def _free_front(self) -> None:
         if self._embedding_vocab_model:

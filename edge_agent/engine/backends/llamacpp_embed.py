@@ -51,6 +51,20 @@ def gguf_pooling(model: Any) -> int:
     return pooling
 
 
+def embedding_length(model: Any) -> int:
+    """The model's vector length, from a loaded model or a vocabulary-only one.
+
+    A model loaded with ``vocab_only`` (the daemon's tokenizer) reports 0 for
+    ``llama_model_n_embd``; its GGUF metadata still says ``<arch>.embedding_length``.
+    """
+    n_embd = int(llama_cpp.llama_model_n_embd(model))
+    if n_embd > 0:
+        return n_embd
+    arch = _meta(model, "general.architecture")
+    value = _meta(model, f"{arch}.embedding_length") if arch else None
+    return int(value) if value and value.isdigit() else 0
+
+
 def _meta(model: Any, key: str) -> str | None:
     buffer = ctypes.create_string_buffer(256)
     length = llama_cpp.llama_model_meta_val_str(model, key.encode(), buffer, len(buffer))
