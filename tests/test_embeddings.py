@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,7 +115,55 @@ def test_models_list_names_the_model_that_embeds(daemon: Daemon) -> None:
     assert [m.id for m in sdk(daemon).models.list().data] == [MODEL]
 
 
-# --- errors, token ids and the record, in process ------------------------------------------
+def post_to(daemon: Daemon, body: Any) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        daemon.url + PATH,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+@slow
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        pytest.param({"input": "hi", "dimensions": 64}, "dimensions", None, id="dimensions"),
+        pytest.param({"input": ""}, "input", None, id="empty-string"),
+        pytest.param({"input": []}, "input", None, id="empty-list"),
+        pytest.param({"input": [[]]}, "input", None, id="empty-token-list"),
+        pytest.param({"input": [10**7]}, "input", None, id="token-outside-vocab"),
+        pytest.param({"input": [-1]}, "input", None, id="negative-token"),
+        pytest.param({"input": 5}, "input", None, id="not-text"),
+        pytest.param({"input": "hi", "encoding_format": "int8"}, "encoding_format", None, id="fmt"),
+        pytest.param(
+            {"input": "word " * 600}, "input", "context_length_exceeded", id="input-too-long"
+        ),
+        pytest.param({}, "input", None, id="no-input"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_parameter(
+    daemon: Daemon, body: dict[str, Any], param: str, code: str | None
+) -> None:
+    status, answer = post_to(daemon, body)
+    assert status == 400, answer
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["param"] == param
+    assert answer["error"]["code"] == code
+
+
+@slow
+def test_the_models_own_dimensions_are_accepted(daemon: Daemon) -> None:
+    status, answer = post_to(daemon, {"input": "hi", "dimensions": WIDTH})
+    assert status == 200, answer
+    assert len(answer["data"][0]["embedding"]) == WIDTH
+
+
+# --- token ids, the record, other backends, in process ---------------------------------------
 
 
 async def post(client: Any, body: Any) -> tuple[int, dict[str, Any]]:
@@ -139,51 +189,18 @@ async def test_token_ids_embed_like_their_text(make_client: Callable[..., Any]) 
     )
 
 
-@pytest.mark.parametrize(
-    ("body", "param", "code"),
-    [
-        pytest.param({"input": "hi", "dimensions": 64}, "dimensions", None, id="dimensions"),
-        pytest.param({"input": ""}, "input", None, id="empty-string"),
-        pytest.param({"input": []}, "input", None, id="empty-list"),
-        pytest.param({"input": [[]]}, "input", None, id="empty-token-list"),
-        pytest.param({"input": [10**7]}, "input", None, id="token-outside-vocab"),
-        pytest.param({"input": [-1]}, "input", None, id="negative-token"),
-        pytest.param({"input": 5}, "input", None, id="not-text"),
-        pytest.param({"input": "hi", "encoding_format": "int8"}, "encoding_format", None, id="fmt"),
-        pytest.param(
-            {"input": "word " * 600}, "input", "context_length_exceeded", id="input-too-long"
-        ),
-        pytest.param({}, "input", None, id="no-input"),
-    ],
-)
-async def test_bad_input_is_a_400_naming_the_parameter(
-    make_client: Callable[..., Any], body: dict[str, Any], param: str, code: str | None
-) -> None:
-    sink = RecordingSink()
-    client = await make_client(records=sink)
-    status, answer = await post(client, body)
-    assert status == 400, answer
-    assert answer["error"]["param"] == param
-    assert answer["error"]["code"] == code
-    assert [r["status"] for r in sink.records] == ["error"]
-    assert sink.records[0]["endpoint"] == "embeddings"
-
-
-async def test_the_models_own_dimensions_are_accepted(make_client: Callable[..., Any]) -> None:
-    client = await make_client()
-    status, answer = await post(client, {"input": "hi", "dimensions": WIDTH})
-    assert status == 200, answer
-    assert len(answer["data"][0]["embedding"]) == WIDTH
-
-
 async def test_each_request_leaves_one_record_without_its_vectors(
     make_client: Callable[..., Any],
 ) -> None:
     sink = RecordingSink()
     client = await make_client(records=sink)
+    status, _ = await post(client, {"input": "hi", "dimensions": 3})
+    assert status == 400
     status, answer = await post(client, {"input": TEXTS[:3], "model": "x", "user": "u1"})
     assert status == 200
-    [record] = sink.records
+    refused, record = sink.records
+    assert refused["endpoint"] == "embeddings" and refused["status"] == "error"
+    assert "dimensions" in refused["error"]
     assert record["endpoint"] == "embeddings" and record["status"] == "ok"
     assert record["in"]["input"] == TEXTS[:3]
     assert record["params"] == {"encoding_format": "float", "dimensions": None}
@@ -206,7 +223,7 @@ async def test_the_vllm_backend_refuses_embeddings_with_a_400(
 
 
 async def test_embeddings_are_refused_with_openai_off(make_client: Callable[..., Any]) -> None:
-    client = await make_client(openai_enabled=False)
+    client = await make_client(openai_enabled=False, wait=False)
     status, answer = await post(client, {"input": "hi"})
     assert status == 400
     assert answer["error"]["message"].startswith("Inference failed. Please apply")
