@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=64, ge=0)
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # A stream waiting for its first token sends an SSE comment this often, so proxies
+    # and client read timeouts do not cut it while it queues or prefills.
+    sse_ping_s: float = Field(default=10.0, gt=0)
     # Prompt-prefix reuse across requests on a sequence slot (see engine docs).
     prefix_cache: bool = True
     # llama.cpp's KV cache element type. A quantized type applies to the keys only: llama.cpp

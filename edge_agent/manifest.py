@@ -11,7 +11,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Where a manifest named without a path is looked for, first match wins.
 _REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -66,11 +74,52 @@ class HfArtifact(BaseModel):
 
 
 class OpenAISection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """``[openai]``: the switch and each endpoint's defaults, under the product's key names.
+
+    ``chat_config`` is the older name of ``chat_completion_config`` and is still read.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     enabled: bool = True
     completion_config: dict[str, Any] = Field(default_factory=dict)
-    chat_config: dict[str, Any] = Field(default_factory=dict)
+    chat_completion_config: dict[str, Any] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices("chat_completion_config", "chat_config"),
+    )
+
+    @field_validator("completion_config", "chat_completion_config")
+    @classmethod
+    def _no_stream(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # The product doc: streaming is chosen per request, never configured for a model.
+        if "stream" in value:
+            raise ValueError("stream cannot be configured: a request sets it (stream: true)")
+        return value
+
+
+class EmbeddingSection(BaseModel):
+    """``[embedding]``: how ``/infer/openai/v1/embeddings`` is served.
+
+    By the model itself, or by a separate embedding model (``[embedding.gguf]``, served
+    beside the chat model under ``name``): the engine loads its weights too.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # The separate model's id in /infer/openai/v1/models and in its answers.
+    name: str | None = Field(default=None, min_length=1)
+    gguf: GgufArtifact | None = None
+    # Tokens one input may have; also the tokens one embedding batch holds.
+    max_input_tokens: int = Field(default=512, ge=8, le=32768)
+    # Inputs embedded together in one llama_decode.
+    batch_inputs: int = Field(default=16, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _named(self) -> EmbeddingSection:
+        if (self.gguf is None) != (self.name is None):
+            raise ValueError("a separate embedding model needs both name and [embedding.gguf]")
+        return self
 
 
 class ModelManifest(BaseModel):
@@ -81,6 +130,7 @@ class ModelManifest(BaseModel):
     gguf: GgufArtifact | None = None
     hf: HfArtifact | None = None
     openai: OpenAISection = OpenAISection()
+    embedding: EmbeddingSection = EmbeddingSection()
     source: Path = Path(".")  # the manifest file; set by load_manifest
 
     @model_validator(mode="after")
@@ -105,6 +155,17 @@ class ModelManifest(BaseModel):
         if self.gguf is None:
             raise ManifestError(f"model {self.name!r} has no GGUF artifact for llama.cpp")
         return self.gguf.resolve(self.source.parent)
+
+    @property
+    def embedding_model(self) -> str:
+        """The id embeddings are answered under: the separate model's, else this model's."""
+        return self.embedding.name or self.name
+
+    def embedding_gguf_path(self) -> Path | None:
+        """The separate embedding model's GGUF, or None to embed with this model."""
+        if self.embedding.gguf is None:
+            return None
+        return self.embedding.gguf.resolve(self.source.parent)
 
 
 def manifest_dirs() -> list[Path]:

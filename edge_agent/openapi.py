@@ -34,6 +34,7 @@ from edge_agent.protocol.edge import (
     Readiness,
     open_paths,
 )
+from edge_agent.protocol.embeddings import EmbeddingsRequest, EmbeddingsResponse
 from edge_agent.protocol.logs import LogPage
 from edge_agent.protocol.native import NativeOutputs, NativeRecords
 from edge_agent.protocol.openai import (
@@ -70,11 +71,13 @@ def _package_version() -> str:
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (CompletionRequest, "validation"),
     (ChatCompletionRequest, "validation"),
+    (EmbeddingsRequest, "validation"),
     (NativeRecords, "validation"),
     (CompletionResponse, "serialization"),
     (ChatCompletionResponse, "serialization"),
     (CompletionChunk, "serialization"),
     (ChatCompletionChunk, "serialization"),
+    (EmbeddingsResponse, "serialization"),
     (ModelList, "serialization"),
     (NativeOutputs, "serialization"),
     (PipelineList, "serialization"),
@@ -263,6 +266,40 @@ _TOOL_EXAMPLE: dict[str, Any] = {
     ],
     "tool_choice": "required",
 }
+
+
+def _embeddings_path(model_name: str) -> dict[str, Any]:
+    example = {"model": model_name, "input": ["a factory floor", "an edge box"]}
+    return {
+        f"{OPENAI_PREFIX}/embeddings": {
+            "post": {
+                "operationId": "createEmbedding",
+                "summary": "OpenAI embeddings: one L2-normalised vector per input",
+                "description": (
+                    "`input` is a string, a list of strings, token ids, or a list of token id "
+                    "lists. `dimensions` other than the model's own vector length is a 400; "
+                    "an input longer than the model's `max_input_tokens` is a 400 with code "
+                    "`context_length_exceeded`."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": _ref(EmbeddingsRequest),
+                            "examples": {"basic": {"summary": "two inputs", "value": example}},
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The vectors, in the order of the inputs",
+                        "content": _json(_ref(EmbeddingsResponse)),
+                    },
+                    **_errors("400", "404", "405", "413", "429", "500", "503", "504"),
+                },
+            }
+        }
+    }
 
 
 def _openai_paths(model_name: str) -> dict[str, Any]:
@@ -586,6 +623,8 @@ def build_spec(settings: Settings, manifest: ModelManifest, *, server_url: str) 
     """The OpenAPI 3.1.1 document of what this deployment serves at ``server_url``."""
     enabled = openai_enabled(settings, manifest)
     paths = _openai_paths(manifest.name) if enabled else _native_paths(settings.pipeline)
+    if enabled and manifest.embedding.enabled:
+        paths.update(_embeddings_path(manifest.name))
     paths.update(_edge_paths())
     paths.update(_dashboard_paths())
     _, schemas = _component_schemas()

@@ -189,6 +189,14 @@ def test_a_new_request_while_the_engine_restarts_is_a_503_naming_the_restart(
     error = json.loads(refused.value.read())["error"]
     assert error["code"] == "engine_restarting" and "SIGKILL" in error["message"]
     wait_for(lambda: get_json(f"{daemon.url}/readyz")[0] == 200)
+    # The new engine embeds too: its embedding context is made afresh on first use.
+    embed = urllib.request.Request(
+        f"{daemon.url}/infer/openai/v1/embeddings",
+        data=json.dumps({"input": ["after the restart"]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(embed, timeout=60) as response:
+        assert len(json.loads(response.read())["data"][0]["embedding"]) > 0
 
 
 def test_a_hung_engine_is_killed_and_restarted(start_daemon: Callable[..., Daemon]) -> None:

@@ -201,7 +201,7 @@ async def test_a_wrong_method_is_405_with_allow(client: Any) -> None:
 
 
 async def test_an_unknown_path_is_404(client: Any) -> None:
-    response = await client.post("/infer/openai/v1/embeddings", json={})
+    response = await client.post("/infer/openai/v1/audio/speech", json={})
     assert response.status == 404
     assert_envelope(await response.json(), "invalid_request_error")
 

@@ -34,6 +34,7 @@ COMPLETIONS = "/infer/openai/v1/completions"
 CHAT = "/infer/openai/v1/chat/completions"
 MAX_TOKENS = 4
 MAX_CHOICES = 2
+MAX_INPUTS = 4
 EXAMPLES_PER_OPERATION = 20
 TOKEN = "fuzz-token"
 
@@ -80,6 +81,13 @@ def _bound(body: Any) -> None:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) > MAX_CHOICES:
         body["prompt"] = prompt[:MAX_CHOICES]
+
+
+def _bound_embedding(body: Any) -> None:
+    """A few inputs per request; an empty or invalid list still reaches the validator."""
+    inputs = body.get("input") if isinstance(body, dict) else None
+    if isinstance(inputs, list) and len(inputs) > MAX_INPUTS:
+        body["input"] = inputs[:MAX_INPUTS]
 
 
 def _schema(settings: Settings) -> Any:
@@ -131,7 +139,10 @@ def native_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 def _prepare(case: schemathesis.Case) -> None:
-    _bound(case.body)
+    if case.path.endswith("/embeddings"):
+        _bound_embedding(case.body)
+    else:
+        _bound(case.body)
 
 
 @openai_schema.parametrize()
@@ -210,3 +221,27 @@ def test_the_document_refuses_what_the_server_refuses(
     assert status == 400, answer
     spec = build_spec(Settings(), manifest, server_url=daemon.url)
     assert not _request_schema_accepts(spec, "CompletionRequest", body)
+
+
+EMBEDDINGS = "/infer/openai/v1/embeddings"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"input": ""}, id="empty-input"),
+        pytest.param({"input": []}, id="no-inputs"),
+        pytest.param({"input": [[]]}, id="empty-token-list"),
+        pytest.param({"input": [-1]}, id="negative-token"),
+        pytest.param({"input": ["a"] * 2049}, id="2049-inputs"),
+        pytest.param({"input": "hi", "dimensions": 0}, id="dimensions-zero"),
+        pytest.param({"input": "hi", "encoding_format": "int8"}, id="encoding-format"),
+    ],
+)
+def test_the_document_refuses_the_embeddings_the_server_refuses(
+    daemon: Daemon, manifest: ModelManifest, body: dict[str, Any]
+) -> None:
+    status, answer = _post(daemon, EMBEDDINGS, body)
+    assert status == 400, answer
+    spec = build_spec(Settings(), manifest, server_url=daemon.url)
+    assert not _request_schema_accepts(spec, "EmbeddingsRequest", body)

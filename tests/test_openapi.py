@@ -44,6 +44,7 @@ OPENAI_PATHS = {
     f"{OPENAI_PREFIX}/completions",
     f"{OPENAI_PREFIX}/chat/completions",
     f"{OPENAI_PREFIX}/models",
+    f"{OPENAI_PREFIX}/embeddings",
 }
 NATIVE_PATHS = {"/infer", "/pipelines/{pipeline}"}
 URL = "http://edge-box:8080"
@@ -80,6 +81,28 @@ def test_the_manifest_decides_when_the_settings_do_not(manifest: ModelManifest) 
     )
     assert set(spec_for(off)["paths"]) == NATIVE_PATHS | EDGE_PATHS
     assert set(spec_for(off, openai_enabled=True)["paths"]) == OPENAI_PATHS | EDGE_PATHS
+
+
+def test_a_model_that_does_not_embed_has_no_embeddings_path(manifest: ModelManifest) -> None:
+    no_embeddings = manifest.model_copy(
+        update={"embedding": manifest.embedding.model_copy(update={"enabled": False})}
+    )
+    paths = set(spec_for(no_embeddings)["paths"])
+    assert paths == (OPENAI_PATHS - {f"{OPENAI_PREFIX}/embeddings"}) | EDGE_PATHS
+
+
+def test_the_embeddings_schemas_are_the_protocol_models(manifest: ModelManifest) -> None:
+    from edge_agent.protocol.embeddings import EmbeddingsRequest
+
+    spec = spec_for(manifest)
+    schemas = spec["components"]["schemas"]
+    generated = EmbeddingsRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    generated.pop("$defs", None)
+    assert schemas["EmbeddingsRequest"] == generated
+    answer = spec["paths"][f"{OPENAI_PREFIX}/embeddings"]["post"]["responses"]["200"]
+    assert answer["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/EmbeddingsResponse"
+    }
 
 
 def test_the_server_url_is_the_deployment(manifest: ModelManifest) -> None:

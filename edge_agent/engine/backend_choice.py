@@ -106,6 +106,10 @@ def build_backend(choice: BackendChoice, manifest: ModelManifest, settings: Sett
         "expected_sha256": manifest.gguf.sha256 if manifest.gguf else None,
         "cpu_repack": settings.cpu_repack,
         "probe_cache": engine.probe_cache_path(),
+        "embedding_max_tokens": manifest.embedding.max_input_tokens,
+        "embedding_sequences": manifest.embedding.batch_inputs,
+        "embedding_gguf": manifest.embedding_gguf_path(),
+        "embedding_sha256": manifest.embedding.gguf.sha256 if manifest.embedding.gguf else None,
     }
     if not engine.isolated:
         return LlamaCppBackend(manifest.gguf_path(), **options)

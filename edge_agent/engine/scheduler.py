@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 
 from edge_agent.engine.errors import DeadlineExceeded, QueueFull, ShuttingDown
 from edge_agent.engine.stopping import StopMatcher
-from edge_agent.engine.types import Backend, FinishReason, GenerationRequest, TokenEvent
+from edge_agent.engine.types import (
+    Backend,
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+)
 
 
 @dataclass
@@ -67,8 +74,11 @@ class Scheduler:
     def __init__(self, backend: Backend, *, max_queue: int, request_timeout_s: float) -> None:
         self.backend = backend
         self._capacity = backend.info.parallel + max_queue
+        self._max_queue = max_queue
         self._timeout = request_timeout_s
         self.in_flight = 0  # sequences admitted: decoding or waiting for a slot
+        # Embedding requests: one embeds while the others wait, apart from the slots.
+        self.embeddings_in_flight = 0
         # Mean seconds a sequence holds a slot (moving average): what a refused client
         # should wait. A guess of a few seconds until the first sequence has finished.
         self.mean_sequence_s = 2.0
@@ -79,6 +89,7 @@ class Scheduler:
     def reconfigure(self, *, max_queue: int, request_timeout_s: float) -> None:
         """Apply a reloaded queue bound and deadline to requests admitted from now on."""
         self._capacity = self.backend.info.parallel + max_queue
+        self._max_queue = max_queue
         self._timeout = request_timeout_s
 
     @property
@@ -104,8 +115,29 @@ class Scheduler:
             yield
         finally:
             self.in_flight -= sequences
-            if self.in_flight == 0:
-                self._idle.set()
+            self._note_idle()
+
+    def _note_idle(self) -> None:
+        if self.in_flight == 0 and self.embeddings_in_flight == 0:
+            self._idle.set()
+
+    async def embed(self, request: EmbeddingRequest, *, clock: GenerationClock) -> EmbeddingResult:
+        """One embedding request, under the same refusals and deadline as a sequence."""
+        if self.draining:
+            raise ShuttingDown()
+        if self.embeddings_in_flight > self._max_queue:
+            raise QueueFull(in_flight=self.embeddings_in_flight, estimated_wait_s=1.0)
+        self.embeddings_in_flight += 1
+        self._idle.clear()
+        try:
+            remaining = clock.accepted_at + self._timeout - time.perf_counter()
+            async with asyncio.timeout(max(remaining, 0)):
+                return await self.backend.embed(request)
+        except TimeoutError:
+            raise DeadlineExceeded(self._timeout) from None
+        finally:
+            self.embeddings_in_flight -= 1
+            self._note_idle()
 
     async def wait_idle(self) -> None:
         """Return once no sequence is in flight."""

@@ -66,6 +66,21 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """Inputs to embed, already token ids; one vector comes back per input, in order."""
+
+    request_id: str
+    inputs: Sequence[Sequence[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    """One pooled, L2-normalised vector per input, in the request's order."""
+
+    vectors: tuple[tuple[float, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TopLogprob:
     token: str
     logprob: float
@@ -136,6 +151,10 @@ class BackendInfo:
     restarts: int = 0  # engine processes restarted after dying
     engine_pid: int | None = None  # the engine process, where it runs in one of its own
     cpu_features: tuple[str, ...] = ()  # what the build uses on this CPU (AVX2, AVX512...)
+    # Embeddings: the vector length (0 where the backend serves none) and the most
+    # tokens one input may have.
+    embedding_length: int = 0
+    embedding_max_tokens: int = 0
 
 
 @runtime_checkable
@@ -175,6 +194,9 @@ class Backend(Protocol):
         """Apply the model's own chat template, by default ending with the assistant's turn
         opened; ``tools`` are offered to the model as its template (or format) says."""
 
+    def tokenize_for_embedding(self, text: str) -> list[int]:
+        """Token ids of an embedding input, in the vocabulary of the model that embeds it."""
+
     def check_supported(self, params: SamplingParams) -> None:
         """Raise UnsupportedFeature for anything this backend cannot honour."""
 
@@ -183,4 +205,12 @@ class Backend(Protocol):
 
         Closing the iterator early (``aclose``) cancels the sequence: its slot is
         free again within one decode step.
+        """
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """One vector per input (pooled as the model says, L2-normalised).
+
+        Raises UnsupportedFeature (``embeddings``) where the backend serves none, and
+        (``embedding_input``) for an input it cannot take (too long, a token id outside
+        the vocabulary).
         """

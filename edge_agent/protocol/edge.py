@@ -28,6 +28,9 @@ def open_paths(dashboard_access: Literal["open", "token"]) -> frozenset[str]:
 class PipelineStatus(BaseModel):
     id: str
     status: Literal["Running", "Error"]
+    version: str = Field(
+        description="the pipeline's version: a uuid that changes with its model or weights"
+    )
 
 
 class PipelineList(BaseModel):

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 RecordStatus = Literal["ok", "error", "cancelled"]
-RecordEndpoint = Literal["completions", "chat/completions", "infer"]
+RecordEndpoint = Literal["completions", "chat/completions", "embeddings", "infer"]
 
 
 class ServedModel(BaseModel):

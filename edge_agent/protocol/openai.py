@@ -193,6 +193,15 @@ class Usage(BaseModel):
     tps: float | None = Field(description="completion tokens per second, acceptance to last")
 
 
+# The product doc: "the response metadata includes ttft, tps and user-specified OpenAI
+# request params after the last chunk". ttft and tps ride in usage; the parameters ride
+# beside it, wherever usage is, under this one extension field (SDKs keep unknown fields).
+REQUEST_PARAMS_DESCRIPTION = (
+    "the request's parameters as the client gave them (everything but the prompt or "
+    "messages); set where usage is: the non-stream body and the stream's usage chunk"
+)
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -215,6 +224,9 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    request_params: dict[str, Any] | None = Field(
+        default=None, description=REQUEST_PARAMS_DESCRIPTION
+    )
 
 
 class TopLogprobEntry(BaseModel):
@@ -266,6 +278,9 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    request_params: dict[str, Any] | None = Field(
+        default=None, description=REQUEST_PARAMS_DESCRIPTION
+    )
 
 
 class FunctionCallDelta(BaseModel):
@@ -304,6 +319,9 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    request_params: dict[str, Any] | None = Field(
+        default=None, description=REQUEST_PARAMS_DESCRIPTION
+    )
 
 
 class CompletionChunk(BaseModel):
@@ -313,6 +331,9 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    request_params: dict[str, Any] | None = Field(
+        default=None, description=REQUEST_PARAMS_DESCRIPTION
+    )
 
 
 class ModelCard(BaseModel):

@@ -18,6 +18,7 @@ from edge_agent.protocol.edge import DASHBOARD_ASSETS, DASHBOARD_PAGES, SPEC_PAT
 from edge_agent.server import (
     dashboard_routes,
     edge_routes,
+    embeddings_routes,
     logs_routes,
     native_routes,
     openai_routes,
@@ -77,6 +78,7 @@ def create_app(
     prefix = openai_routes.PREFIX
     app.router.add_post(f"{prefix}/completions", openai_routes.completions)
     app.router.add_post(f"{prefix}/chat/completions", openai_routes.chat_completions)
+    app.router.add_post(f"{prefix}/embeddings", embeddings_routes.embeddings)
     app.router.add_get(f"{prefix}/models", openai_routes.list_models)
     app.router.add_post("/infer", native_routes.infer)
     app.router.add_post("/pipelines/{pipeline}", native_routes.pipeline_infer)

@@ -44,7 +44,10 @@ async def readyz(request: web.Request) -> web.Response:
 async def pipelines(request: web.Request) -> web.Response:
     state = state_of(request)
     pipeline = PipelineStatus(
-        id=state.settings.pipeline, status="Error" if state.status == "Error" else "Running"
+        id=state.settings.pipeline,
+        status="Error" if state.status == "Error" else "Running",
+        # The same version native /infer answers carry as metadata.pipeline_version.
+        version=state.manifest.version,
     )
     return json_response(PipelineList(pipelines=[pipeline]))
 

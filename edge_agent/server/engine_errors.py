@@ -32,6 +32,8 @@ from edge_agent.errors import EngineRestarted as RestartedError
 _OPENAI_PARAMS = {
     "structured_output": "response_format",
     "chat_template": "messages",
+    "embedding_input": "input",
+    "embeddings": "model",  # the deployed model cannot embed, whatever the input
 }
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -43,6 +43,8 @@ class PreparedRequest:
     logprobs: int | None
     echo: bool
     tools: ToolUse | None = None  # chat with tools: replies are read for tool calls
+    # The parameters as the client gave them, for the response's request_params.
+    user_params: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_request(endpoint: Endpoint, raw: bytes) -> CompletionRequest | ChatCompletionRequest:
@@ -172,6 +174,9 @@ async def prepare(
         logprobs=logprobs,
         echo=bool(getattr(request, "echo", False)),
         tools=tools,
+        user_params=request.model_dump(
+            mode="json", by_alias=True, exclude_unset=True, exclude={"prompt", "messages"}
+        ),
     )
 
 

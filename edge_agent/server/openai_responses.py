@@ -11,6 +11,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from edge_agent.engine.scheduler import GenerationClock, Step
 from edge_agent.engine.tool_calls import CallStart, Content, Piece, ToolCallParser
@@ -97,6 +98,10 @@ class ResponseBuilder(ABC):
             tps=clock.tps,
         )
 
+    def _params_beside(self, usage: Usage | None) -> dict[str, Any] | None:
+        """The request's parameters go where usage goes: once, after the last token."""
+        return self.prepared.user_params if usage is not None else None
+
     def _has_logprobs(self, step: Step) -> bool:
         token = step.token
         return (
@@ -175,13 +180,19 @@ class CompletionResponses(ResponseBuilder):
                 for i, c in enumerate(self.choices)
             ],
             usage=self.usage(clock),
+            request_params=self.prepared.user_params,
         )
 
     def _chunk(
         self, choices: list[CompletionChoice], usage: Usage | None = None
     ) -> CompletionChunk:
         return CompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+            request_params=self._params_beside(usage),
         )
 
     def _logprobs(self, choice: ChoiceText, start: int, end: int) -> CompletionLogprobs | None:
@@ -319,13 +330,19 @@ class ChatResponses(ResponseBuilder):
                 for i, c in enumerate(self.choices)
             ],
             usage=self.usage(clock),
+            request_params=self.prepared.user_params,
         )
 
     def _chunk(
         self, choices: list[ChatChunkChoice], usage: Usage | None = None
     ) -> ChatCompletionChunk:
         return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+            request_params=self._params_beside(usage),
         )
 
     def _logprobs(self, choice: ChoiceText, start: int, end: int) -> ChatLogprobs | None:

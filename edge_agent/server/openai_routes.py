@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 import structlog
 from aiohttp import web
@@ -18,7 +18,7 @@ from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_r
 from edge_agent.server.openai_responses import ResponseBuilder, response_builder
 from edge_agent.server.params import model_defaults
 from edge_agent.server.records import RequestLedger
-from edge_agent.server.sse import SseWriter
+from edge_agent.server.sse import SseWriter, keep_alive
 from edge_agent.server.state import AppState, state_of
 from edge_agent.server.wire import json_response
 
@@ -39,8 +39,12 @@ async def list_models(request: web.Request) -> web.Response:
     state = state_of(request)
     if not state.manifest.openai.enabled:
         raise OpenAIDisabled()
-    card = ModelCard(id=state.manifest.name, created=int(state.started_at))
-    return json_response(ModelList(data=[card]))
+    manifest = state.manifest
+    served = [manifest.name]
+    if manifest.embedding.enabled and manifest.embedding.name is not None:
+        served.append(manifest.embedding.name)  # a separate embedding model
+    cards = [ModelCard(id=name, created=int(state.started_at)) for name in served]
+    return json_response(ModelList(data=cards))
 
 
 async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
@@ -92,8 +96,9 @@ async def _stream(
     for opening in builder.opening_chunks():
         await writer.send(opening)
     remaining = len(prepared.sequences)
+    steps = keep_alive(_choices(state, prepared, clock), writer, state.settings.sse_ping_s)
     try:
-        async for index, step in _choices(state, prepared, clock):
+        async for index, step in steps:
             builder.add(index, step)
             if step.finish_reason is None or remaining > 1:
                 remaining -= step.finish_reason is not None
@@ -119,7 +124,7 @@ async def _stream(
 
 async def _choices(
     state: AppState, prepared: PreparedRequest, clock: GenerationClock
-) -> AsyncIterator[tuple[int, Step]]:
+) -> AsyncGenerator[tuple[int, Step], None]:
     """All choices' steps as they come, tagged with the choice index."""
     runs = [
         state.scheduler.run(sequence, stops=prepared.stops, clock=clock)

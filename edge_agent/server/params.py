@@ -84,7 +84,9 @@ def parse_defaults(defaults: Mapping[str, Any], where: str) -> SamplingFields:
 def model_defaults(manifest: ModelManifest, endpoint: str) -> SamplingFields:
     """The manifest's defaults for an endpoint (native ``/infer`` takes the completions')."""
     if endpoint == "chat/completions":
-        return parse_defaults(manifest.openai.chat_config, "openai.chat_config")
+        return parse_defaults(
+            manifest.openai.chat_completion_config, "openai.chat_completion_config"
+        )
     return parse_defaults(manifest.openai.completion_config, "openai.completion_config")
 
 

@@ -9,7 +9,14 @@ from edge_agent.server.state import AppState
 
 # Read per request (or per admission), so a new value takes effect at once.
 _LIVE = frozenset(
-    {"auth_token", "dashboard_access", "request_timeout_s", "max_queue", "shutdown_grace_s"}
+    {
+        "auth_token",
+        "dashboard_access",
+        "request_timeout_s",
+        "max_queue",
+        "shutdown_grace_s",
+        "sse_ping_s",
+    }
 )
 
 

@@ -18,6 +18,8 @@ from edge_agent.engine.scheduler import GenerationClock, Scheduler, Step
 from edge_agent.engine.types import (
     BackendInfo,
     ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
     GenerationRequest,
     SamplingParams,
     TokenEvent,
@@ -34,6 +36,7 @@ class ScriptedBackend:
         self.gate = asyncio.Event()
         self.gate.set()
         self.closed = 0
+        self.embedding_arrived: asyncio.Queue[None] = asyncio.Queue()
         self._info = BackendInfo("llamacpp", context_length=64, parallel=parallel)
 
     @property
@@ -67,6 +70,14 @@ class ScriptedBackend:
 
     def check_supported(self, params: SamplingParams) -> None:
         return None
+
+    def tokenize_for_embedding(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        self.embedding_arrived.put_nowait(None)
+        await self.gate.wait()
+        return EmbeddingResult(tuple((float(len(tokens)),) for tokens in request.inputs))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         try:
@@ -234,3 +245,56 @@ async def test_only_events_with_a_token_are_counted() -> None:
     s = scheduler(EndsBare([]))
     steps = [step async for step in s.run(request(), stops=(), clock=clock)]
     assert clock.completion_tokens == 1 and steps[-1].finish_reason == "stop"
+
+
+# --- embedding requests ----------------------------------------------------------------------
+
+
+def embedding() -> EmbeddingRequest:
+    return EmbeddingRequest("e", [[1, 2, 3], [4]])
+
+
+async def test_an_embedding_request_gets_its_vectors() -> None:
+    s = scheduler(ScriptedBackend([]))
+    result = await s.embed(embedding(), clock=GenerationClock())
+    assert result.vectors == ((3.0,), (1.0,))
+    assert s.embeddings_in_flight == 0
+
+
+async def test_embeddings_beyond_the_queue_bound_are_refused_apart_from_the_slots() -> None:
+    backend = ScriptedBackend([])
+    backend.gate.clear()
+    s = scheduler(backend, max_queue=1)
+    waiting = [asyncio.create_task(s.embed(embedding(), clock=GenerationClock())) for _ in "ab"]
+    for _ in waiting:
+        await backend.embedding_arrived.get()
+    with pytest.raises(QueueFull):
+        await s.embed(embedding(), clock=GenerationClock())
+    with s.admit(1):  # the generation slot is still free for a sequence
+        assert s.in_flight == 1
+    backend.gate.set()
+    await asyncio.gather(*waiting)
+
+
+async def test_drain_waits_for_an_embedding_and_then_refuses_them() -> None:
+    backend = ScriptedBackend([])
+    backend.gate.clear()
+    s = scheduler(backend)
+    task = asyncio.create_task(s.embed(embedding(), clock=GenerationClock()))
+    await backend.embedding_arrived.get()
+    draining = asyncio.create_task(s.drain(grace_s=30))
+    await asyncio.sleep(0)
+    assert not draining.done()
+    backend.gate.set()
+    assert await draining is True
+    assert (await task).vectors
+    with pytest.raises(ShuttingDown):
+        await s.embed(embedding(), clock=GenerationClock())
+
+
+async def test_an_embedding_past_the_deadline_is_stopped() -> None:
+    backend = ScriptedBackend([])
+    backend.gate.clear()
+    s = scheduler(backend, timeout=0.01)
+    with pytest.raises(DeadlineExceeded):
+        await s.embed(embedding(), clock=GenerationClock())

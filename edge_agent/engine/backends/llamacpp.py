@@ -21,6 +21,7 @@ import structlog
 
 from edge_agent.engine.backends.llamacpp_batch import SequenceState, StepOutput
 from edge_agent.engine.backends.llamacpp_config import CONFIGS, CpuConfig, CpuRepack, ladder
+from edge_agent.engine.backends.llamacpp_embed import embedding_length
 from edge_agent.engine.backends.llamacpp_engine import EngineOptions, LlamaCppEngine
 from edge_agent.engine.backends.llamacpp_probe import Verdict, VerdictCache, select_config
 from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, grammar_for
@@ -29,6 +30,8 @@ from edge_agent.engine.types import (
     BackendError,
     BackendInfo,
     ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
     GenerationRequest,
     SamplingParams,
     TokenEvent,
@@ -59,8 +62,17 @@ class LlamaCppFront:
         expected_sha256: str | None = None,
         cpu_repack: CpuRepack = "auto",
         probe_cache: Path | None = None,
+        embedding_max_tokens: int = 512,
+        embedding_sequences: int = 16,
+        embedding_gguf: Path | None = None,
+        embedding_sha256: str | None = None,
     ) -> None:
-        """``expected_sha256``: refuse to load a file whose digest differs (the manifest's)."""
+        """``expected_sha256``: refuse to load a file whose digest differs (the manifest's).
+
+        ``embedding_max_tokens``: tokens per embedding batch, and so the most one input may
+        have; ``embedding_sequences``: inputs per embedding batch; ``embedding_gguf``: a
+        separate embedding model (with its manifest digest), None to embed with this one.
+        """
         self._path = gguf_path
         self._expected_sha256 = expected_sha256
         self._n_ctx_seq = context_length
@@ -77,6 +89,15 @@ class LlamaCppFront:
         self.verdict: Verdict | None = None
         self._keys = itertools.count(1)
         self._inboxes: dict[int, asyncio.Queue[Delivery]] = {}
+        self._embedding_max_tokens = embedding_max_tokens
+        self._embedding_sequences = embedding_sequences
+        self._embedding_length = 0
+        self._embedding_path = embedding_gguf
+        self._embedding_sha256 = embedding_sha256
+        self._embedding_vocab_model: Any = None
+        self._embedding_vocab: Vocabulary | None = None
+        # Embedding requests awaiting their vectors, by key (the process backend's).
+        self._embeddings: dict[int, asyncio.Future[tuple[tuple[float, ...], ...]]] = {}
 
     restarts = 0
 
@@ -94,6 +115,8 @@ class LlamaCppFront:
             restarts=self.restarts,
             engine_pid=self.engine_pid,
             cpu_features=cpu_features(),
+            embedding_length=self._embedding_length,
+            embedding_max_tokens=self._embedding_max_tokens,
         )
 
     @property
@@ -114,6 +137,9 @@ class LlamaCppFront:
             prefix_cache=self._prefix_cache,
             config=config,
             kv_cache_type=self._kv_cache_type,
+            embedding_max_tokens=self._embedding_max_tokens,
+            embedding_sequences=self._embedding_sequences,
+            embedding_gguf=self._embedding_path,
         )
 
     async def _prepare(self) -> CpuConfig:
@@ -155,8 +181,28 @@ class LlamaCppFront:
         quiet_llama_logs()
         self._vocab_model = load_vocab_only(self._path)
         self._vocab = Vocabulary(self._vocab_model)
+        self._embedding_length = embedding_length(self._vocab_model)
+        if self._embedding_path is not None:
+            self._load_embedding_vocab(self._embedding_path)
+
+    def _load_embedding_vocab(self, path: Path) -> None:
+        """The separate embedding model's tokenizer, after the same digest check."""
+        if not path.is_file():
+            raise BackendError(f"embedding model file not found: {path}")
+        if self._embedding_sha256 is not None:
+            digest = sha256_of(path)
+            if digest != self._embedding_sha256:
+                raise BackendError(
+                    f"{path} has sha256 {digest}, the manifest says {self._embedding_sha256}"
+                )
+        self._embedding_vocab_model = load_vocab_only(path)
+        self._embedding_vocab = Vocabulary(self._embedding_vocab_model)
+        self._embedding_length = embedding_length(self._embedding_vocab_model)
 
     def _free_front(self) -> None:
+        if self._embedding_vocab_model:
+            llama_cpp.llama_model_free(self._embedding_vocab_model)
+            self._embedding_vocab_model = None
         if self._vocab_model:
             llama_cpp.llama_model_free(self._vocab_model)
             self._vocab_model = None
@@ -191,6 +237,10 @@ class LlamaCppFront:
             messages, tools=tools, add_generation_prompt=add_generation_prompt
         )
 
+    def tokenize_for_embedding(self, text: str) -> list[int]:
+        vocab = self._embedding_vocab or self._require_vocab()
+        return vocab.tokenize(text, add_special=True, parse_special=False)
+
     def check_supported(self, params: SamplingParams) -> None:
         self._require_vocab().check_supported(params)
 
@@ -206,7 +256,11 @@ class LlamaCppFront:
         inboxes, self._inboxes = self._inboxes, {}
         for inbox in inboxes.values():
             inbox.put_nowait(error)
-        return len(inboxes)
+        embeddings, self._embeddings = self._embeddings, {}
+        for future in embeddings.values():
+            if not future.done():
+                future.set_exception(error)
+        return len(inboxes) + len(embeddings)
 
     def _submit(self, key: int, request: GenerationRequest) -> None:
         raise NotImplementedError
@@ -303,6 +357,13 @@ class LlamaCppBackend(LlamaCppFront):
         sequence = self._sequences.pop(key, None)
         if sequence is not None:
             sequence.cancelled = True
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        engine = self._engine
+        if engine is None or engine.embedder is None:
+            raise BackendError("model is not loaded")
+        vectors = await asyncio.to_thread(engine.embedder.embed, request.inputs)
+        return EmbeddingResult(tuple(vectors))
 
     async def close(self) -> None:
         # Joining the decode thread and freeing the KV cache take a while: off the loop.

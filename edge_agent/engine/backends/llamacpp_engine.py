@@ -22,6 +22,7 @@ import structlog
 
 from edge_agent.engine.backends.llamacpp_batch import DecodeLoop, StepSink
 from edge_agent.engine.backends.llamacpp_config import CpuConfig
+from edge_agent.engine.backends.llamacpp_embed import Embedder
 from edge_agent.engine.backends.llamacpp_vocab import Vocabulary
 from edge_agent.engine.types import BackendError
 
@@ -61,6 +62,12 @@ class EngineOptions:
     prefix_cache: bool
     config: CpuConfig
     kv_cache_type: str = "f16"
+    # The embedding context (made on first use): tokens per batch, which is also the
+    # most one input may have, and inputs per batch.
+    embedding_max_tokens: int = 512
+    embedding_sequences: int = 16
+    # A separate embedding model, loaded beside the chat model; None embeds with it.
+    embedding_gguf: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +90,12 @@ class LlamaCppEngine:
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
         self._model: Any = None
+        self._embedding_model: Any = None
         self._ctx: Any = None
         self.vocab: Vocabulary | None = None
         self.n_ctx_seq = options.context_length
         self.loop: DecodeLoop | None = None
+        self.embedder: Embedder | None = None
 
     def load(self) -> None:
         options = self.options
@@ -101,6 +110,24 @@ class LlamaCppEngine:
         if not self._model:
             raise BackendError(f"llama.cpp could not load {options.gguf_path}")
         self.vocab = Vocabulary(self._model)
+        embedding_model = self._model
+        if options.embedding_gguf is not None:
+            # Loaded the way the chat model is: the CPU configuration that decoded here.
+            self._embedding_model = llama_cpp.llama_model_load_from_file(
+                str(options.embedding_gguf).encode(), model_params
+            )
+            if not self._embedding_model:
+                raise BackendError(f"llama.cpp could not load {options.embedding_gguf}")
+            embedding_model = self._embedding_model
+        self.embedder = Embedder(
+            embedding_model,
+            n_vocab=llama_cpp.llama_vocab_n_tokens(
+                llama_cpp.llama_model_get_vocab(embedding_model)
+            ),
+            max_tokens=options.embedding_max_tokens,
+            max_sequences=options.embedding_sequences,
+            threads=options.threads,
+        )
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = options.context_length * options.parallel
         ctx_params.n_seq_max = options.parallel
@@ -191,9 +218,15 @@ class LlamaCppEngine:
         if self.loop is not None:
             self.loop.stop()
             self.loop = None
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        if self._embedding_model:
+            llama_cpp.llama_model_free(self._embedding_model)
+            self._embedding_model = None
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None

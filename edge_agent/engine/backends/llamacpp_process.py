@@ -30,6 +30,8 @@ from edge_agent.engine.backends.llamacpp_config import CONFIGS, CpuConfig
 from edge_agent.engine.backends.llamacpp_probe import rule_out, signal_name
 from edge_agent.engine.backends.llamacpp_wire import (
     Cancel,
+    Embed,
+    Embedded,
     LoadFailed,
     Ready,
     SequenceFailed,
@@ -40,6 +42,8 @@ from edge_agent.engine.backends.llamacpp_wire import (
 )
 from edge_agent.engine.types import (
     BackendError,
+    EmbeddingRequest,
+    EmbeddingResult,
     EngineRestarted,
     EngineUnavailable,
     GenerationRequest,
@@ -88,6 +92,7 @@ class EngineProcess:
         self.ready: asyncio.Future[Ready | LoadFailed] = loop.create_future()
         self.exited: asyncio.Future[int] = loop.create_future()
         self.on_step: Any = None
+        self.on_embedded: Any = None
         self.send(start)  # an engine that dies at once is seen by the reader below
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
@@ -111,6 +116,9 @@ class EngineProcess:
         if isinstance(message, Step):
             if self.on_step is not None:
                 self.on_step(message)
+        elif isinstance(message, Embedded):
+            if self.on_embedded is not None:
+                self.on_embedded(message)
         elif isinstance(message, Ready | LoadFailed) and not self.ready.done():
             self.ready.set_result(message)
 
@@ -190,6 +198,7 @@ class LlamaCppProcessBackend(LlamaCppFront):
             began = time.perf_counter()
             engine = EngineProcess(loop, start)
             engine.on_step = self._on_step
+            engine.on_embedded = self._on_embedded
             await asyncio.wait((engine.ready, engine.exited), return_when=asyncio.FIRST_COMPLETED)
             answer = engine.ready.result() if engine.ready.done() else None
             if isinstance(answer, Ready) and not engine.exited.done():
@@ -228,6 +237,20 @@ class LlamaCppProcessBackend(LlamaCppFront):
                 self._deliver(key, error)
             else:
                 self._deliver(key, item)
+
+    def _on_embedded(self, message: Embedded) -> None:
+        future = self._embeddings.pop(message.key, None)
+        if future is None or future.done():
+            return  # its request ended (a disconnect) before the vectors came
+        result = message.result
+        if isinstance(result, SequenceFailed):
+            future.set_exception(
+                UnsupportedFeature(result.feature, result.message)
+                if result.kind == "unsupported"
+                else BackendError(result.message)
+            )
+        else:
+            future.set_result(result)
 
     def _on_exit(self, engine: EngineProcess, _: object = None) -> None:
         if self._closing or engine is not self._engine:
@@ -305,7 +328,7 @@ class LlamaCppProcessBackend(LlamaCppFront):
         while not self._closing:
             await asyncio.sleep(min(5.0, self._policy.stall_s / 4))
             engine = self._engine
-            if engine is None or not self._inboxes:
+            if engine is None or not (self._inboxes or self._embeddings):
                 continue
             silent = time.monotonic() - engine.last_heard
             if silent > self._policy.stall_s:
@@ -323,6 +346,24 @@ class LlamaCppProcessBackend(LlamaCppFront):
     def _cancel(self, key: int) -> None:
         if self._engine is not None:
             self._engine.send(Cancel(key))
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """The vectors from the engine process's embedding context (``llamacpp_embed``)."""
+        engine = self._engine
+        if engine is None:
+            raise EngineUnavailable(self._unavailable or "the engine is not running")
+        key = next(self._keys)
+        future: asyncio.Future[tuple[tuple[float, ...], ...]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        if not self._inboxes and not self._embeddings:
+            engine.last_heard = time.monotonic()  # the stall clock starts with the work
+        self._embeddings[key] = future
+        engine.send(Embed(key, request))
+        try:
+            return EmbeddingResult(await future)
+        finally:
+            self._embeddings.pop(key, None)
 
     async def close(self) -> None:
         self._closing = True

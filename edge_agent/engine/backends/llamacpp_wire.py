@@ -3,7 +3,8 @@
 Pickled over a Unix socket pair (``multiprocessing.connection`` framing). The daemon
 sends ``Submit``/``Cancel``/``Stop``; the engine answers ``Ready`` or ``LoadFailed`` once,
 then one ``Step`` per decode step carrying every sequence's new events, so the process
-boundary costs one message per step, not one per token.
+boundary costs one message per step, not one per token. ``Embed`` asks for one request's
+vectors, answered by one ``Embedded`` with the same key.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edge_agent.engine.backends.llamacpp_engine import EngineOptions
-from edge_agent.engine.types import GenerationRequest, TokenEvent
+from edge_agent.engine.types import EmbeddingRequest, GenerationRequest, TokenEvent
 
 # Set in the engine process's environment by tests, to crash it for real (SIGSEGV) just
 # before its first decode under the named configuration: "segv:repack".
@@ -34,6 +35,12 @@ class Submit:
 @dataclass(frozen=True, slots=True)
 class Cancel:
     key: int
+
+
+@dataclass(frozen=True, slots=True)
+class Embed:
+    key: int
+    request: EmbeddingRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,3 +78,9 @@ class SequenceFailed:
 class Step:
     outputs: list[tuple[int, list[TokenEvent] | SequenceFailed]] = field(default_factory=list)
     decode_steps: int = 0  # the engine's decode steps so far, for the daemon's view of it
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    key: int
+    result: tuple[tuple[float, ...], ...] | SequenceFailed

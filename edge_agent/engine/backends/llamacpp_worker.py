@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import sys
 import threading
@@ -36,6 +37,8 @@ from edge_agent.engine.backends.llamacpp_vocab import set_llama_log_callback
 from edge_agent.engine.backends.llamacpp_wire import (
     FAULT_ENV,
     Cancel,
+    Embed,
+    Embedded,
     LoadFailed,
     Ready,
     SequenceFailed,
@@ -113,6 +116,9 @@ class EngineServer:
         self._send_lock = threading.Lock()
         self._sequences: dict[int, SequenceState] = {}
         self._engine: LlamaCppEngine | None = None
+        # Embedding requests wait here for the embedding thread, one at a time, so the
+        # socket reader stays free for generation's Submit and Cancel.
+        self._embeds: queue.SimpleQueue[Embed | None] = queue.SimpleQueue()
 
     def send(self, message: object) -> None:
         with self._send_lock:
@@ -139,6 +145,8 @@ class EngineServer:
             return 1
         self._engine = engine
         engine.start_loop(self._deliver)
+        embedding = threading.Thread(target=self._embed_loop, name="llamacpp-embed", daemon=True)
+        embedding.start()
         self.send(
             Ready(
                 context_length=engine.n_ctx_seq,
@@ -153,6 +161,8 @@ class EngineServer:
             self._serve()
         except (EOFError, OSError):
             pass  # the daemon went away: nothing is left to serve
+        self._embeds.put(None)
+        embedding.join(timeout=30)
         engine.close()
         return 0
 
@@ -178,8 +188,29 @@ class EngineServer:
                 cancelled = self._sequences.pop(message.key, None)
                 if cancelled is not None:
                     cancelled.cancelled = True
+            elif isinstance(message, Embed):
+                self._embeds.put(message)
             elif isinstance(message, Stop):
                 return
+
+    def _embed_loop(self) -> None:
+        """The embedding thread: each request's vectors, or why there are none."""
+        while (message := self._embeds.get()) is not None:
+            embedder = self._engine.embedder if self._engine else None
+            result: tuple[tuple[float, ...], ...] | SequenceFailed
+            try:
+                if embedder is None:
+                    raise BackendError("the engine has no embedding context")
+                result = tuple(embedder.embed(message.request.inputs))
+            except UnsupportedFeature as exc:
+                result = SequenceFailed("unsupported", exc.message, exc.feature)
+            except Exception as exc:  # one request's failure, not the engine's
+                log.error("embedding_failed", error=str(exc))
+                result = SequenceFailed("backend", str(exc))
+            try:
+                self.send(Embedded(message.key, result))
+            except OSError:
+                return  # the daemon is gone; the main thread ends the process
 
     def _deliver(self, outputs: StepOutput) -> None:
         """From the decode thread: one message per step, with every sequence's events."""

@@ -30,6 +30,8 @@ from edge_agent.engine.types import (
     BackendError,
     BackendInfo,
     ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
     EngineRestarted,
     EngineUnavailable,
     FinishReason,
@@ -45,6 +47,10 @@ from edge_agent.manifest import ManifestError, ModelManifest
 from edge_agent.observability import ENGINE_RESTARTS
 
 log = structlog.get_logger(__name__)
+
+# vLLM embeds only with a pooling model (its runner="pooling", AsyncLLM.encode); the
+# engine this backend starts is a generation one, which vLLM refuses to pool.
+_NO_EMBEDDINGS = "the vLLM backend serves a generation model; it has no embeddings"
 
 
 @dataclass(frozen=True)
@@ -430,6 +436,12 @@ class VllmBackend:
         self.restarts += 1
         self.last_restart_s = time.perf_counter() - died_at
         log.info("engine_restarted", backend="vllm", seconds=round(self.last_restart_s, 3))
+
+    def tokenize_for_embedding(self, text: str) -> list[int]:
+        raise UnsupportedFeature("embeddings", _NO_EMBEDDINGS)
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        raise UnsupportedFeature("embeddings", _NO_EMBEDDINGS)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         engine = self._engine
