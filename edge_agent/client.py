@@ -48,9 +48,9 @@ def _load_pandas() -> Any:
 
 def _logs_frame(records: list[dict[str, Any]]) -> pandas.DataFrame:
     pandas = _load_pandas()
-    # The box answers newest first; the platform SDK's frame is oldest first, so that
+    # POST /logs answers oldest first, as the platform SDK's frame is ordered, so that
     # ``logs().iloc[-1]`` is the most recent request (as the product doc uses it).
-    frame = pandas.json_normalize(list(reversed(records)))
+    frame = pandas.json_normalize(records)
     if "time" in frame.columns:
         frame["time"] = pandas.to_datetime(frame["time"], unit="ms", utc=True)
     return frame
@@ -111,10 +111,9 @@ def _pipeline_id(value: object) -> str:
     raise TypeError(f"unexpected /pipelines answer: {value!r}")
 
 
-def _log_page(value: object) -> list[dict[str, Any]]:
-    if isinstance(value, dict) and isinstance(value.get("data"), list):
-        return _records(value["data"])
-    raise TypeError(f"unexpected /logs answer: {value!r}")
+# The product doc's request for log records: a filter object, records answered.
+LOGS_PATH = "/logs"
+PANDAS_RECORDS = {"Content-Type": "application/json; format=pandas-records"}
 
 
 class EdgePipeline(_Base):
@@ -172,8 +171,10 @@ class EdgePipeline(_Base):
         ``params.*``, ``metrics.ttft``, ``metrics.tps``, ``status``...
         """
         _load_pandas()  # fail before the request when pandas is missing
-        page = self._http().get("/logs", cast_to=object, options={"params": {"limit": limit}})
-        return _logs_frame(_log_page(page))
+        answer = self._http().post(
+            LOGS_PATH, cast_to=object, body={"limit": limit}, options={"headers": PANDAS_RECORDS}
+        )
+        return _logs_frame(_records(answer))
 
     def generate_api_spec(self, path: str | Path | None = None) -> Path:
         """Write the box's OpenAPI 3.1.1 YAML to ``path`` (default ``./<pipeline>.yaml``)."""
@@ -240,8 +241,10 @@ class AsyncEdgePipeline(_Base):
 
     async def logs(self, limit: int = 100) -> pandas.DataFrame:
         _load_pandas()
-        page = await self._http().get("/logs", cast_to=object, options={"params": {"limit": limit}})
-        return _logs_frame(_log_page(page))
+        answer = await self._http().post(
+            LOGS_PATH, cast_to=object, body={"limit": limit}, options={"headers": PANDAS_RECORDS}
+        )
+        return _logs_frame(_records(answer))
 
     async def generate_api_spec(self, path: str | Path | None = None) -> Path:
         text = await self._http().get("/openapi.yaml", cast_to=str)

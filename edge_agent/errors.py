@@ -70,6 +70,13 @@ class BodyTooLarge(ApiError):
     error_type = "invalid_request_error"
 
 
+class BodyTimeout(ApiError):
+    """The body did not arrive in time: a stalled client, or a Content-Length it never sends."""
+
+    status = 408
+    error_type = "invalid_request_error"
+
+
 class AuthenticationFailed(ApiError):
     status = 401
     error_type = "authentication_error"

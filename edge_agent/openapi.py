@@ -23,6 +23,8 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from edge_agent.config import Settings
 from edge_agent.manifest import ModelManifest
 from edge_agent.protocol.edge import (
+    LOG_PATHS,
+    LOGS_PATH,
     OPEN_PATHS,
     OPENAI_PREFIX,
     SPEC_PATH,
@@ -31,7 +33,7 @@ from edge_agent.protocol.edge import (
     PipelineList,
     Readiness,
 )
-from edge_agent.protocol.logs import LogPage
+from edge_agent.protocol.logs import LogPage, LogQuery, LogRecords
 from edge_agent.protocol.native import NativeOutputs, NativeRecords
 from edge_agent.protocol.openai import (
     ChatCompletionChunk,
@@ -72,6 +74,8 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (Health, "serialization"),
     (Readiness, "serialization"),
     (LogPage, "serialization"),
+    (LogQuery, "validation"),
+    (LogRecords, "serialization"),
     (ErrorResponse, "serialization"),
 ]
 
@@ -129,6 +133,7 @@ _ERROR_RESPONSES: dict[str, dict[str, Any]] = {
     "NotFound": _error("No such path, pipeline or resource"),
     "MethodNotAllowed": _error("Wrong method for this path; `Allow` lists the right ones"),
     "PayloadTooLarge": _error("Request body over the configured limit"),
+    "BodyTimeout": _error("The request body did not arrive within http.body_timeout_s"),
     "TooManyRequests": _error("The request queue is full", retry_after=True),
     "InternalError": _error("Unexpected failure; the daemon logged the details"),
     "Unavailable": _error("The model is still loading or the daemon is draining", retry_after=True),
@@ -142,6 +147,7 @@ def _errors(*codes: str) -> dict[str, Any]:
         "401": "Unauthorized",
         "404": "NotFound",
         "405": "MethodNotAllowed",
+        "408": "BodyTimeout",
         "413": "PayloadTooLarge",
         "429": "TooManyRequests",
         "500": "InternalError",
@@ -221,7 +227,7 @@ def _inference_operation(
                     "text/event-stream": _sse(chunk, f"One server-sent event: a {chunk.__name__}"),
                 },
             },
-            **_errors("400", "405", "413", "429", "500", "503", "504"),
+            **_errors("400", "405", "408", "413", "429", "500", "503", "504"),
         },
     }
 
@@ -296,7 +302,7 @@ def _native_operation(operation_id: str, summary: str, *, extra: dict[str, Any])
                 "description": "One record per input record",
                 "content": _json(_ref(NativeOutputs)),
             },
-            **_errors("400", "405", "413", "429", "500", "503", "504"),
+            **_errors("400", "405", "408", "413", "429", "500", "503", "504"),
         },
     }
 
@@ -331,8 +337,9 @@ def _get(operation_id: str, summary: str, responses: dict[str, Any]) -> dict[str
     }
 
 
-def _edge_paths() -> dict[str, Any]:
-    return {
+def _edge_paths(logs_access: str) -> dict[str, Any]:
+    example = {"summary": "the latest five records", "value": {"limit": 5}}
+    paths = {
         "/pipelines": _get(
             "listPipelines",
             "This box's pipeline and its status",
@@ -381,7 +388,7 @@ def _edge_paths() -> dict[str, Any]:
                 }
             },
         ),
-        "/logs": {
+        LOGS_PATH: {
             "get": {
                 "operationId": "recentLogs",
                 "summary": "Recent inference log records, newest first",
@@ -409,16 +416,35 @@ def _edge_paths() -> dict[str, Any]:
                     "200": {"description": "A page of records", "content": _json(_ref(LogPage))},
                     **_errors("400", "404", "405", "500"),
                 },
-            }
+            },
+            "post": {
+                "operationId": "queryLogs",
+                "summary": "Inference log records as pandas-records, oldest first",
+                "description": "The body filters the records; `{}` asks for the latest 100.",
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        media: {"schema": _ref(LogQuery), "examples": {"latest": example}}
+                        for media in ("application/json; format=pandas-records", "application/json")
+                    },
+                },
+                "responses": {
+                    "200": {"description": "The records", "content": _json(_ref(LogRecords))},
+                    **_errors("400", "404", "405", "408", "413", "500"),
+                },
+            },
         },
     }
+    if logs_access == "off":  # not served: not in the document either
+        del paths[LOGS_PATH]
+    return paths
 
 
 def build_spec(settings: Settings, manifest: ModelManifest, *, server_url: str) -> dict[str, Any]:
     """The OpenAPI 3.1.1 document of what this deployment serves at ``server_url``."""
     enabled = openai_enabled(settings, manifest)
     paths = _openai_paths(manifest.name) if enabled else _native_paths(settings.pipeline)
-    paths.update(_edge_paths())
+    paths.update(_edge_paths(settings.effective_logs_access))
     _, schemas = _component_schemas()
     components: dict[str, Any] = {
         "schemas": copy.deepcopy(schemas),
@@ -450,7 +476,9 @@ def build_spec(settings: Settings, manifest: ModelManifest, *, server_url: str) 
         spec["security"] = [{"bearerAuth": []}]
         for path, item in paths.items():
             for operation in item.values():
-                if path in OPEN_PATHS:
+                if path in OPEN_PATHS or (
+                    path in LOG_PATHS and settings.effective_logs_access == "open"
+                ):
                     operation["security"] = []  # health, metrics and this document stay open
                 else:
                     operation["responses"].update(_errors("401"))

@@ -10,6 +10,10 @@ OPENAI_PREFIX = "/infer/openai/v1"
 SPEC_PATH = "/openapi.yaml"
 # Paths that stay open when a bearer token is configured: health, metrics, this document.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", SPEC_PATH})
+LOGS_PATH = "/logs"
+# Paths that hand out inference records (prompts and completions): guarded by the
+# logs_access setting rather than by auth_token alone.
+LOG_PATHS = frozenset({LOGS_PATH})
 
 
 class PipelineStatus(BaseModel):

@@ -14,7 +14,7 @@ from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
 from edge_agent.logbook import LogbookCollector, LogStore, Uploader
 from edge_agent.manifest import ModelManifest
-from edge_agent.protocol.edge import SPEC_PATH
+from edge_agent.protocol.edge import LOGS_PATH, SPEC_PATH
 from edge_agent.server import edge_routes, logs_routes, native_routes, openai_routes
 from edge_agent.server.middleware import bearer_token, errors_as_envelopes
 from edge_agent.server.params import model_defaults
@@ -78,7 +78,8 @@ def create_app(
     app.router.add_get("/healthz", edge_routes.healthz)
     app.router.add_get("/readyz", edge_routes.readyz)
     app.router.add_get("/metrics", edge_routes.metrics)
-    app.router.add_get("/logs", logs_routes.recent_logs)
+    app.router.add_get(LOGS_PATH, logs_routes.recent_logs)
+    app.router.add_post(LOGS_PATH, logs_routes.query_logs)
     app.router.add_get(SPEC_PATH, edge_routes.openapi_yaml)
     if log_store is not None:
         # The store and the uploader know nothing of metrics: they are read from here.

@@ -14,6 +14,7 @@ from edge_agent.engine.scheduler import GenerationClock, Step
 from edge_agent.errors import ApiError, OpenAIDisabled
 from edge_agent.protocol.edge import OPENAI_PREFIX
 from edge_agent.protocol.openai import ModelCard, ModelList
+from edge_agent.server.body import read_body, require_json
 from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_request, prepare
 from edge_agent.server.openai_responses import ResponseBuilder, response_builder
 from edge_agent.server.params import model_defaults
@@ -45,8 +46,11 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     state = state_of(request)
-    ledger = RequestLedger(state, endpoint, await request.read())
+    ledger = RequestLedger(state, endpoint, b"")
     async with ledger.guard():
+        # Read inside the guard: a body that never arrives whole is recorded too.
+        ledger.raw = await read_body(request)
+        require_json(request)
         if not state.manifest.openai.enabled:
             raise OpenAIDisabled()
         parsed = parse_request(endpoint, ledger.raw)

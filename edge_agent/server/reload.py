@@ -8,7 +8,9 @@ from edge_agent.config import Settings
 from edge_agent.server.state import AppState
 
 # Read per request (or per admission), so a new value takes effect at once.
-_LIVE = frozenset({"auth_token", "request_timeout_s", "max_queue", "shutdown_grace_s"})
+_LIVE = frozenset(
+    {"auth_token", "logs_access", "request_timeout_s", "max_queue", "shutdown_grace_s"}
+)
 
 
 @dataclass(frozen=True)
