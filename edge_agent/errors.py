@@ -144,6 +144,20 @@ class Draining(ApiError):
         )
 
 
+class TooManyConnections(ApiError):
+    """A connection past http.max_connections while every open one has a request running."""
+
+    status = 503
+    error_type = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "too many open connections; retry shortly",
+            code="too_many_connections",
+            headers={"Retry-After": "1"},
+        )
+
+
 class GenerationTimeout(ApiError):
     status = 504
     error_type = "server_error"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 import structlog
 from aiohttp import web
@@ -19,7 +19,7 @@ from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_r
 from edge_agent.server.openai_responses import ResponseBuilder, response_builder
 from edge_agent.server.params import model_defaults
 from edge_agent.server.records import RequestLedger
-from edge_agent.server.sse import SseWriter
+from edge_agent.server.sse import ClientStalled, SseWriter
 from edge_agent.server.state import AppState, state_of
 from edge_agent.server.wire import json_response
 
@@ -90,14 +90,36 @@ async def _stream(
     builder: ResponseBuilder,
     ledger: RequestLedger,
 ) -> web.StreamResponse:
-    clock = ledger.clock
     writer = SseWriter(request)
-    await writer.start()
+    try:
+        await writer.start()
+        try:
+            await _stream_steps(state, prepared, builder, ledger, writer)
+        except (ApiError, EngineError) as error:
+            # The status line is gone: the failure travels as an event, then [DONE].
+            await writer.send((await ledger.fail(error)).envelope())
+        return await writer.done()
+    except ClientStalled as stalled:
+        # Recorded before the connection drops: dropping it cancels this handler.
+        await ledger.end_cancelled(str(stalled))
+        writer.abort()
+        return writer.response
+
+
+async def _stream_steps(
+    state: AppState,
+    prepared: PreparedRequest,
+    builder: ResponseBuilder,
+    ledger: RequestLedger,
+    writer: SseWriter,
+) -> None:
+    clock = ledger.clock
     for opening in builder.opening_chunks():
         await writer.send(opening)
     remaining = len(prepared.sequences)
-    try:
-        async for index, step in _choices(state, prepared, clock):
+    # Closed on the way out, so a stalled or failed stream stops generating at once.
+    async with contextlib.aclosing(_choices(state, prepared, clock)) as steps:
+        async for index, step in steps:
             builder.add(index, step)
             if step.finish_reason is None:
                 if step.text or prepared.logprobs is not None:
@@ -116,15 +138,11 @@ async def _stream(
                 await writer.send(builder.usage_chunk(usage))
             else:
                 await writer.send(builder.step_chunk(index, step, usage))
-    except (ApiError, EngineError) as error:
-        # The status line is gone: the failure travels as an event, then [DONE].
-        await writer.send((await ledger.fail(error)).envelope())
-    return await writer.done()
 
 
 async def _choices(
     state: AppState, prepared: PreparedRequest, clock: GenerationClock
-) -> AsyncIterator[tuple[int, Step]]:
+) -> AsyncGenerator[tuple[int, Step], None]:
     """All choices' steps as they come, tagged with the choice index."""
     runs = [
         state.scheduler.run(sequence, stops=prepared.stops, clock=clock)

@@ -72,6 +72,11 @@ class RequestLedger:
         await self.commit()
         return mapped
 
+    async def end_cancelled(self, reason: str) -> None:
+        """Record a request ended early for ``reason`` (a stalled client) and commit."""
+        self._end_early("cancelled", reason)
+        await self.commit()
+
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[RequestLedger]:
         """Run a handler: every way out leaves one record, then the metrics and a log line."""

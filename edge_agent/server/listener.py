@@ -1,0 +1,164 @@
+"""The listening port, held against a hostile LAN: request-head deadline and a connection cap.
+
+aiohttp closes a connection that has not sent a complete request head within its
+keep-alive timeout (the timer starts when the connection opens and partial bytes do
+not reset it), so that timeout is the header timeout. It has no cap on connections:
+thousands of half-open sockets would each hold a file descriptor until the descriptors
+run out and the port stops accepting. The cap here sits where connections are made:
+past it, the oldest connection with no request in progress is closed to make room,
+and when every connection is busy the newcomer is answered 503 and closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+
+import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+
+from edge_agent.config import Settings
+from edge_agent.errors import TooManyConnections
+from edge_agent.server.middleware import Handler
+
+log = structlog.get_logger(__name__)
+
+# Descriptors the daemon needs beside its connections: the log store's database, WAL
+# and journal, the engine's pipes, the uploader's connection, the loop's own.
+RESERVED_FDS = 128
+
+
+def _refusal() -> bytes:
+    """The whole 503 answer as bytes: written before the request is read, then closed."""
+    error = TooManyConnections()
+    body = error.envelope().model_dump_json().encode()
+    head = f"HTTP/1.1 {error.status} Service Unavailable\r\n"
+    for name, value in {
+        **error.headers,
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+        "Connection": "close",
+    }.items():
+        head += f"{name}: {value}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection past the cap with nothing idle to close: one 503, then closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_REFUSAL)
+        transport.close()
+
+
+_REFUSAL = _refusal()
+
+
+def connection_limit(configured: int) -> int:
+    """``configured``, lowered to what the process's descriptor limit leaves room for."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    room = max(1, soft - RESERVED_FDS)
+    if configured > room:
+        log.warning("max_connections_lowered", configured=configured, limit=room, nofile=soft)
+        return room
+    return configured
+
+
+class ConnectionCap:
+    """At most ``limit`` connections; the oldest idle one makes room for a newcomer."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.evicted = 0
+        self.refused = 0
+        self._busy: dict[RequestHandler, int] = {}
+        self._server: web.Server | None = None
+
+    def attach(self, server: web.Server) -> None:
+        self._server = server
+
+    @web.middleware
+    async def track_busy(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Mark the connection busy while a request runs on it: it is never the one evicted."""
+        protocol = request.protocol
+        self._busy[protocol] = self._busy.get(protocol, 0) + 1
+        try:
+            return await handler(request)
+        finally:
+            left = self._busy.pop(protocol) - 1
+            if left:
+                self._busy[protocol] = left
+
+    def protocol(self) -> asyncio.BaseProtocol:
+        """The listening socket's protocol factory: a request handler, or a refusal."""
+        assert self._server is not None, "attach() the runner's server first"
+        # A closed connection stays listed until its task ends: count the open ones.
+        open_now = [c for c in self._server.connections if c.transport is not None]
+        if len(open_now) >= self.limit:
+            idle = next((c for c in open_now if c not in self._busy), None)
+            if idle is None:
+                self.refused += 1
+                return _Refuse()
+            self.evicted += 1
+            idle.force_close()
+        return self._server()
+
+
+class _MalformedRequests(logging.Filter):
+    """Keeps aiohttp from logging each malformed request with a traceback.
+
+    The client already has its 400; on a LAN anyone could otherwise flood the journal
+    with one request line of garbage after another.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, HttpProcessingError)
+
+
+class CappedSite(web.BaseSite):
+    """A TCP site whose connections pass through a :class:`ConnectionCap`."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, cap: ConnectionCap) -> None:
+        super().__init__(runner)
+        self._host, self._port, self._cap = host, port, cap
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._cap.protocol, self._host, self._port, reuse_address=True
+        )
+
+
+async def start_listening(app: web.Application, settings: Settings) -> web.AppRunner:
+    """Set up ``app`` and listen on the configured port; OSError when the port is taken."""
+    logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
+    cap = ConnectionCap(connection_limit(settings.http.max_connections))
+    app.middlewares.append(cap.track_busy)
+    runner = web.AppRunner(
+        app,
+        # Cancel a handler when its client goes away, so its generation stops at once.
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=settings.http.header_timeout_s,
+    )
+    await runner.setup()
+    assert runner.server is not None
+    cap.attach(runner.server)
+    try:
+        await CappedSite(runner, settings.host, settings.port, cap).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner
