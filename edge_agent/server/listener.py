@@ -12,6 +12,7 @@ and when every connection is busy the newcomer is answered 503 and closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 
@@ -89,7 +90,14 @@ class ConnectionCap:
         protocol = request.protocol
         self._busy[protocol] = self._busy.get(protocol, 0) + 1
         try:
-            return await handler(request)
+            response = await handler(request)
+            # Sent here rather than after the handler returns, so that the connection
+            # counts as busy until its answer's last byte is written.
+            if not response.prepared:
+                with contextlib.suppress(ConnectionError):
+                    await response.prepare(request)
+                    await response.write_eof()
+            return response
         finally:
             left = self._busy.pop(protocol) - 1
             if left:
@@ -145,7 +153,8 @@ async def start_listening(app: web.Application, settings: Settings) -> web.AppRu
     """Set up ``app`` and listen on the configured port; OSError when the port is taken."""
     logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
     cap = ConnectionCap(connection_limit(settings.http.max_connections))
-    app.middlewares.append(cap.track_busy)
+    # Outermost: busy from the first middleware until the error envelope's last byte too.
+    app.middlewares.insert(0, cap.track_busy)
     runner = web.AppRunner(
         app,
         # Cancel a handler when its client goes away, so its generation stops at once.
