@@ -140,6 +140,9 @@ def test_random_malformed_requests_never_get_a_5xx(start_daemon: Callable[..., D
     assert sum(statuses.values()) >= 100
     assert not offenders, offenders[:5]
     assert daemon.process.poll() is None
+    # A client's garbage is its own 400, not a traceback per request in the journal.
+    journal = daemon.log_path.read_text(errors="replace")
+    assert "Error handling request" not in journal and "unhandled_error" not in journal
     # ...and the daemon still serves real work.
     request = urllib.request.Request(
         f"{daemon.url}{OPENAI_PREFIX}/completions",

@@ -14,6 +14,8 @@ from aiohttp.test_utils import TestClient
 
 from edge_agent.config import ConfigError, Settings, load_settings
 from edge_agent.protocol.edge import OPENAI_PREFIX
+from edge_agent.server.redaction import redact_request, redact_response
+from edge_agent.server.reload import plan_reload
 from edge_agent.server.state import STATE_KEY
 from tests.logbook.logbook_helpers import make_record
 
@@ -160,3 +162,37 @@ async def test_bad_log_queries_are_400s_naming_the_filter(
     error = (await response.json())["error"]
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
+
+
+def test_logs_access_changes_on_reload() -> None:
+    running = Settings(auth_token=TOKEN)
+    plan = plan_reload(running, running.model_copy(update={"logs_access": "off"}))
+    assert plan.applied == ["logs_access"] and plan.settings.effective_logs_access == "off"
+
+
+# --- logs.store_text = false --------------------------------------------------------------
+
+
+def test_redaction_keeps_parameters_and_drops_the_prompt() -> None:
+    chat = {"messages": [{"role": "user", "content": "my secret"}], "max_tokens": 5, "user": "u"}
+    assert redact_request(chat) == {"max_tokens": 5, "user": "u"}
+    assert redact_request([{"text": "my secret"}]) == [{}]
+    assert redact_request("not json: my secret") is None
+
+
+def test_redaction_keeps_usage_and_finish_reasons_and_drops_the_text() -> None:
+    response = {
+        "id": "chatcmpl-1",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "secret"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "ttft": 0.01, "tps": 50.0},
+    }
+    redacted = json.loads(redact_response(json.dumps(response)) or "null")
+    assert redacted["choices"] == [{"index": 0, "finish_reason": "stop"}]
+    assert redacted["usage"] == response["usage"]
+    assert "secret" not in json.dumps(redacted)
