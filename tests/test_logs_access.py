@@ -17,6 +17,7 @@ from edge_agent.protocol.edge import OPENAI_PREFIX
 from edge_agent.server.redaction import redact_request, redact_response
 from edge_agent.server.reload import plan_reload
 from edge_agent.server.state import STATE_KEY
+from tests.conftest import RecordingSink
 from tests.logbook.logbook_helpers import make_record
 
 Client = TestClient[web.Request, web.Application]
@@ -196,3 +197,26 @@ def test_redaction_keeps_usage_and_finish_reasons_and_drops_the_text() -> None:
     assert redacted["choices"] == [{"index": 0, "finish_reason": "stop"}]
     assert redacted["usage"] == response["usage"]
     assert "secret" not in json.dumps(redacted)
+
+
+async def test_store_text_off_writes_no_prompt_or_completion(
+    make_client: Callable[..., Any],
+) -> None:
+    records = RecordingSink()
+    client = await make_client(records=records, logs={"store_text": False})
+    body = {"prompt": "my secret prompt", "max_tokens": 4, "temperature": 0}
+    response = await client.post(f"{OPENAI_PREFIX}/completions", json=body)
+    answer = await response.json()
+    [record] = records.records
+    assert record["in"] == {"max_tokens": 4, "temperature": 0}
+    stored = json.loads(record["out"]["json"])
+    assert stored["usage"] == answer["usage"] and stored["id"] == answer["id"]
+    choice = answer["choices"][0]
+    kept = {
+        "index": 0,
+        "finish_reason": choice["finish_reason"],
+        "stop_reason": choice["stop_reason"],
+    }
+    assert stored["choices"] == [kept]
+    assert "secret" not in json.dumps(record)
+    assert record["metrics"]["completion_tokens"] == answer["usage"]["completion_tokens"]
