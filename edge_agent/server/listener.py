@@ -130,6 +130,9 @@ class _MalformedRequests(logging.Filter):
         return not isinstance(error, HttpProcessingError)
 
 
+_MALFORMED_REQUESTS = _MalformedRequests()
+
+
 class CappedSite(web.BaseSite):
     """A TCP site whose connections pass through a :class:`ConnectionCap`."""
 
@@ -151,7 +154,7 @@ class CappedSite(web.BaseSite):
 
 async def start_listening(app: web.Application, settings: Settings) -> web.AppRunner:
     """Set up ``app`` and listen on the configured port; OSError when the port is taken."""
-    logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once, however often
     cap = ConnectionCap(connection_limit(settings.http.max_connections))
     # Outermost: busy from the first middleware until the error envelope's last byte too.
     app.middlewares.insert(0, cap.track_busy)
