@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+from prometheus_client import REGISTRY
 
 from edge_agent.config import Settings
 from edge_agent.server.listener import start_listening
@@ -53,13 +54,19 @@ async def closed(reader: asyncio.StreamReader) -> bool:
     return await asyncio.wait_for(reader.read(), 10) == b""
 
 
+def counted(name: str) -> float:
+    return REGISTRY.get_sample_value(f"edge_agent_http_connections_{name}_total") or 0.0
+
+
 async def test_idle_connections_make_room_for_a_newcomer(box: Box) -> None:
+    evicted = counted("evicted")
     idle = [await asyncio.open_connection("127.0.0.1", box.port) for _ in range(3 * CAP)]
     answer = await exchange("127.0.0.1", box.port, b"GET /quick HTTP/1.1\r\nHost: b\r\n\r\n")
     assert answer is not None and answer.status == 200
     # Each newcomer past the cap closed the oldest idle one: the first 2 * CAP + 1 are gone.
     outcomes = [await closed(reader) for reader, _ in idle[: 2 * CAP + 1]]
     assert all(outcomes)
+    assert counted("evicted") - evicted == 2 * CAP + 1
     for _, writer in idle:
         writer.close()
 
@@ -69,7 +76,9 @@ async def test_with_every_connection_busy_a_newcomer_gets_a_503(box: Box) -> Non
     for _, writer in busy:
         writer.write(GET)
     await asyncio.wait_for(box.all_holding.wait(), 10)
+    before = counted("refused")
     refused = await exchange("127.0.0.1", box.port, GET)
+    assert counted("refused") - before == 1
     assert refused is not None and refused.status == 503
     assert refused.headers["retry-after"] == "1"
     assert json.loads(refused.body)["error"]["code"] == "too_many_connections"

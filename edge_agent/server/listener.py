@@ -23,6 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from edge_agent.config import Settings
 from edge_agent.errors import TooManyConnections
+from edge_agent.observability import CONNECTIONS_EVICTED, CONNECTIONS_REFUSED
 from edge_agent.server.middleware import Handler
 
 log = structlog.get_logger(__name__)
@@ -76,8 +77,6 @@ class ConnectionCap:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.evicted = 0
-        self.refused = 0
         self._busy: dict[RequestHandler, int] = {}
         self._server: web.Server | None = None
 
@@ -111,9 +110,9 @@ class ConnectionCap:
         if len(open_now) >= self.limit:
             idle = next((c for c in open_now if c not in self._busy), None)
             if idle is None:
-                self.refused += 1
+                CONNECTIONS_REFUSED.inc()
                 return _Refuse()
-            self.evicted += 1
+            CONNECTIONS_EVICTED.inc()
             idle.force_close()
         return self._server()
 
