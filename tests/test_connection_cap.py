@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -88,3 +90,17 @@ async def test_with_every_connection_busy_a_newcomer_gets_a_503(box: Box) -> Non
         head = await asyncio.wait_for(reader.readline(), 10)
         assert head.startswith(b"HTTP/1.1 200")
         writer.close()
+
+
+def test_the_cap_fits_the_descriptor_limit() -> None:
+    # In a child process: the limit it lowers is its own.
+    code = (
+        "import resource\n"
+        "from edge_agent.server.listener import RESERVED_FDS, connection_limit\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))\n"
+        "print(connection_limit(100), connection_limit(1000), 300 - RESERVED_FDS)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    fits, lowered, room = out.stdout.splitlines()[-1].split()
+    assert "max_connections_lowered" in out.stdout
+    assert fits == "100" and lowered == room

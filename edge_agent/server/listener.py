@@ -61,15 +61,20 @@ _REFUSAL = _refusal()
 
 
 def connection_limit(configured: int) -> int:
-    """``configured``, lowered to what the process's descriptor limit leaves room for."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
+    """``configured``, or less where the descriptor limit cannot be raised to fit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = configured + RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        # The soft limit is often 1024 outside systemd; the hard one is ours to go up to.
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft == resource.RLIM_INFINITY or soft >= needed:
         return configured
     room = max(1, soft - RESERVED_FDS)
-    if configured > room:
-        log.warning("max_connections_lowered", configured=configured, limit=room, nofile=soft)
-        return room
-    return configured
+    log.warning("max_connections_lowered", configured=configured, limit=room, nofile=soft)
+    return room
 
 
 class ConnectionCap:
