@@ -320,10 +320,12 @@ async def run(minutes: float, max_requests: int, workers: int) -> dict[str, Any]
                     await load.safe()
 
             async def bursts() -> None:
-                while not stop.is_set() and time.monotonic() < end:
-                    await asyncio.sleep(20)
-                    if soak.sent < max_requests:
-                        await load.burst(3 * workers)
+                while time.monotonic() < end and soak.sent < max_requests:
+                    try:
+                        await asyncio.wait_for(stop.wait(), 20)
+                        return
+                    except TimeoutError:
+                        await load.burst(3 * workers)  # finished, never cut: all are counted
 
             async def collector_outages() -> None:
                 # Down from a quarter to half of each ten minutes (of the run, if shorter).
@@ -362,15 +364,23 @@ async def run(minutes: float, max_requests: int, workers: int) -> dict[str, Any]
 
             print(header(), flush=True)
             tasks = [asyncio.create_task(client()) for _ in range(workers)]
-            extra = [asyncio.create_task(t()) for t in (bursts, collector_outages, per_minute)]
+            burster = asyncio.create_task(bursts())
+            extra = [asyncio.create_task(t()) for t in (collector_outages, per_minute)]
             await asyncio.gather(*tasks)
             stop.set()
+            await burster
             for task in extra:
                 task.cancel()
             await asyncio.gather(*extra, return_exceptions=True)
             if procs.collector is None:
                 procs.start_collector()
-            on_box = tags_of(box_records(procs.state))
+            # A cancelled stream's record lands just after its client left: wait for all.
+            deadline = time.monotonic() + 30
+            while True:
+                on_box = tags_of(box_records(procs.state))
+                if len(on_box) >= soak.sent or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
             box = reconcile(soak.sent, on_box)
             # The backlog drains once the collector is back: wait for every tag, bounded.
             deadline = time.monotonic() + 120
