@@ -77,11 +77,58 @@ def connection_limit(configured: int) -> int:
     return room
 
 
+class _Tracked(asyncio.Protocol):
+    """One connection's request handler, seen by the cap from accept() to close.
+
+    The server's own list learns of a connection only when asyncio calls its
+    ``connection_made``, a loop turn after the accept: a burst of connects would get
+    past a cap that counted that list.
+    """
+
+    def __init__(self, handler: RequestHandler, cap: ConnectionCap) -> None:
+        self.handler, self._cap = handler, cap
+        self._evicted = False
+        self._made = False
+        self._handed_over = False  # the handler has its transport: it hears of the close
+
+    def evict(self) -> None:
+        """Close it: now if it is connected, else as soon as asyncio hands it its socket."""
+        self._evicted = True
+        if self._made:
+            self.handler.force_close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._made = True
+        if self._evicted:  # pushed out by a burst before its turn came
+            transport.close()
+            return
+        self._handed_over = True
+        self.handler.connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cap.closed(self)
+        if self._handed_over:
+            self.handler.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        self.handler.eof_received()  # None: the transport closes, as aiohttp's own does
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+
 class ConnectionCap:
     """At most ``limit`` connections; the oldest idle one makes room for a newcomer."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self._open: dict[_Tracked, None] = {}  # in the order they were accepted
         self._busy: dict[RequestHandler, int] = {}
         self._server: web.Server | None = None
 
@@ -110,16 +157,21 @@ class ConnectionCap:
     def protocol(self) -> asyncio.BaseProtocol:
         """The listening socket's protocol factory: a request handler, or a refusal."""
         assert self._server is not None, "attach() the runner's server first"
-        # A closed connection stays listed until its task ends: count the open ones.
-        open_now = [c for c in self._server.connections if c.transport is not None]
-        if len(open_now) >= self.limit:
-            idle = next((c for c in open_now if c not in self._busy), None)
+        if len(self._open) >= self.limit:
+            busy = self._busy
+            idle = next((t for t in self._open if t.handler not in busy), None)
             if idle is None:
                 CONNECTIONS_REFUSED.inc()
                 return _Refuse()
             CONNECTIONS_EVICTED.inc()
-            idle.force_close()
-        return self._server()
+            self.closed(idle)  # its descriptor is released now, its callback comes later
+            idle.evict()
+        tracked = _Tracked(self._server(), self)
+        self._open[tracked] = None
+        return tracked
+
+    def closed(self, tracked: _Tracked) -> None:
+        self._open.pop(tracked, None)
 
 
 class _MalformedRequests(logging.Filter):
@@ -152,7 +204,12 @@ class CappedSite(web.BaseSite):
         await super().start()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._cap.protocol, self._host, self._port, reuse_address=True
+            # nginx's backlog: a burst of connects waits in the kernel, not refused.
+            self._cap.protocol,
+            self._host,
+            self._port,
+            reuse_address=True,
+            backlog=511,
         )
 
 

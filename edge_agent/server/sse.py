@@ -4,15 +4,16 @@ The body has no length, so aiohttp frames it by the client's HTTP version: chunk
 under HTTP/1.1, and under HTTP/1.0 (which has no chunked encoding) the connection
 closes to end it. Forcing chunked encoding would refuse every HTTP/1.0 stream.
 
-A client that stops reading fills the socket, then the transport's buffer (bounded by
-``http.write_buffer_bytes``; aiohttp waits for it to drain every 64 KiB written), and
-then a write waits. A write that waits longer than ``http.stream_stall_s`` ends the
+A client that stops reading fills the socket's send buffer and then the transport's
+(both sized by ``http.write_buffer_bytes``; aiohttp waits for a drain every 64 KiB
+written), and then a write waits. A write that waits longer than ``http.stream_stall_s`` ends the
 stream: the client is holding a slot and memory without taking what it asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable
 
 from aiohttp import web
@@ -47,6 +48,11 @@ class SseWriter:
         transport = self._request.transport
         if transport is not None:
             transport.set_write_buffer_limits(high=self._buffer_bytes)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                # The kernel's send buffer would otherwise grow to megabytes for a client
+                # that reads nothing; events are small, so this costs no throughput.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._buffer_bytes)
         await self._within_stall(self.response.prepare(self._request))
         self.started = True
 
