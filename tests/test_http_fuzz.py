@@ -13,7 +13,6 @@ import random
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 
@@ -23,8 +22,8 @@ from tests.conftest import Daemon
 pytestmark = pytest.mark.slow
 
 SEED = 20261204
-CASES = 600
-DEADLINE_S = 15.0
+CASES = 3000
+DEADLINE_S = 12.0
 WORKERS = 12
 ANSWER_WITHIN_S = 3.0
 
@@ -81,7 +80,7 @@ def build(rng: random.Random) -> bytes:
             version = rng.choice(VERSIONS)
         elif kind == 3:
             headers.insert(rng.randrange(len(headers) + 1), rng.choice(HEADERS))
-        elif kind == 4:
+        elif kind == 4 and headers:
             headers.pop(rng.randrange(len(headers)))
         elif kind == 5:
             body = rng.choice(BODIES)
@@ -112,10 +111,8 @@ async def status_of(port: int, raw: bytes) -> int | None:
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
 
 
-def test_random_malformed_requests_never_get_a_5xx(start_daemon: Callable[..., Daemon]) -> None:
-    daemon = start_daemon(
-        env={"EDGE_AGENT_HTTP__HEADER_TIMEOUT_S": "2", "EDGE_AGENT_HTTP__BODY_TIMEOUT_S": "2"}
-    )
+def test_random_malformed_requests_never_get_a_5xx(guarded_daemon: Daemon) -> None:
+    daemon = guarded_daemon  # short head and body deadlines, a small connection cap
     rng = random.Random(SEED)
     cases = [build(rng) for _ in range(CASES)]
     statuses: Counter[int | None] = Counter()
@@ -137,7 +134,7 @@ def test_random_malformed_requests_never_get_a_5xx(start_daemon: Callable[..., D
 
     asyncio.run(fuzz())
     print(f"fuzz: {sum(statuses.values())} cases, statuses {dict(statuses)}")
-    assert sum(statuses.values()) >= 100
+    assert sum(statuses.values()) >= 300
     assert not offenders, offenders[:5]
     assert daemon.process.poll() is None
     # A client's garbage is its own 400, not a traceback per request in the journal.
