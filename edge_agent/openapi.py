@@ -424,7 +424,7 @@ def _edge_paths(logs_access: str) -> dict[str, Any]:
                 "requestBody": {
                     "required": False,
                     "content": {
-                        media: {"schema": _ref(LogQuery), "examples": {"latest": example}}
+                        media: {"schema": _ref(LogQuery), "examples": {"basic": example}}
                         for media in ("application/json; format=pandas-records", "application/json")
                     },
                 },
