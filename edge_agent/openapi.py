@@ -422,7 +422,7 @@ def _edge_paths(logs_access: str) -> dict[str, Any]:
                 "summary": "Inference log records as pandas-records, oldest first",
                 "description": "The body filters the records; `{}` asks for the latest 100.",
                 "requestBody": {
-                    "required": False,
+                    "required": True,
                     "content": {
                         media: {"schema": _ref(LogQuery), "examples": {"basic": example}}
                         for media in ("application/json; format=pandas-records", "application/json")

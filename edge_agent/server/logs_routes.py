@@ -49,8 +49,6 @@ async def query_logs(request: web.Request) -> web.Response:
 
 
 def _query(raw: bytes) -> LogQuery:
-    if not raw.strip():
-        return LogQuery()
     try:
         loads_strict(raw)
         return LogQuery.model_validate_json(raw)
@@ -59,7 +57,9 @@ def _query(raw: bytes) -> LogQuery:
     except ValidationError as exc:
         first = exc.errors()[0]
         if first["type"] == "model_type":
-            raise InvalidRequest("request body must be a JSON object of filters") from None
+            raise InvalidRequest(
+                "request body must be a JSON object of filters ({} for the latest records)"
+            ) from None
         param = ".".join(str(part) for part in first["loc"]) or None
         message = "unknown filter" if first["type"] == "extra_forbidden" else first["msg"]
         raise InvalidRequest(f"{param}: {message}", param=param) from None
