@@ -165,6 +165,7 @@ class Load:
         self.minute: Counter[str] = Counter()
         self.minute_ttft: list[float] = []
         self.minute_tps: list[float] = []
+        self.refused: set[asyncio.Task[Any] | None] = set()  # tasks that just got a 429
 
     def tag(self) -> str:
         self.soak.sent += 1
@@ -172,6 +173,8 @@ class Load:
 
     def count(self, status: int | str, usage: dict[str, Any] | None = None) -> None:
         key = str(status)
+        if key == "429":
+            self.refused.add(asyncio.current_task())
         self.soak.statuses[key] += 1
         self.minute[key] += 1
         if usage and usage.get("ttft") is not None:
@@ -258,6 +261,9 @@ class Load:
             await self.one()
         except (TimeoutError, aiohttp.ClientError) as exc:
             self.count(f"client_error:{type(exc).__name__}")
+        if asyncio.current_task() in self.refused:
+            self.refused.discard(asyncio.current_task())
+            await asyncio.sleep(1)  # as a client honouring Retry-After would
 
 
 def percentile(values: list[float], q: float) -> float | None:
