@@ -23,6 +23,7 @@ from edge_agent.manifest import ManifestError, ModelManifest, load_manifest
 from edge_agent.observability import configure_logging
 from edge_agent.openapi import spec_yaml
 from edge_agent.server.app import create_app, wait_until_loaded
+from edge_agent.server.listener import start_listening
 from edge_agent.server.reload import apply_reload
 from edge_agent.server.state import STATE_KEY
 
@@ -195,17 +196,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _run(app: web.Application, settings: Settings, args: argparse.Namespace) -> int:
     state = app[STATE_KEY]
-    # Cancel a handler when its client goes away, so its generation stops at once.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     try:
-        await site.start()
+        runner = await start_listening(app, settings)
     except OSError as exc:
         print(
             f"edge-agent: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
         )
-        await runner.cleanup()
         return 2
     log.info("listening", host=settings.host, port=settings.port, pipeline=settings.pipeline)
     watchdog = sdnotify.WatchdogPinger()

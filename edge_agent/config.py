@@ -12,7 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -67,6 +74,9 @@ class LogSettings(_Section):
     sync: Literal["full", "normal"] = "full"
     # Storage cap for the local inference log; LOCAL_INFERENCE_STORAGE is accepted too.
     max_bytes: int = 1024**3
+    # False drops prompt and completion text from each record as it is written, keeping
+    # the parameters, the metrics and the status: a box whose prompts must not be kept.
+    store_text: bool = True
 
     @field_validator("max_bytes", mode="before")
     @classmethod
@@ -107,6 +117,33 @@ class EngineSettings(_Section):
             return self.probe_cache
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         return Path(base) / "edge-agent" / "engine-probes.json"
+
+
+class HttpSettings(_Section):
+    """What one client may hold: time to send a request, connections, a stalled stream.
+
+    A LAN box meets port scanners, half-open sockets and clients that stop reading; each
+    of these ends after a bounded time and holds a bounded share of the daemon.
+    """
+
+    # A connection has this long to send a request's head, and an idle keep-alive
+    # connection is closed after it.
+    header_timeout_s: float = Field(default=15.0, gt=0)
+    # From the head to the last byte of the body.
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    # Open connections at most; past it the oldest idle one is closed for a newcomer, or
+    # the newcomer gets a 503 when none is idle. Kept below the file-descriptor limit
+    # (systemd's LimitNOFILE) with room for the log store, the engine and the uploader.
+    max_connections: int = Field(default=1024, ge=1)
+    # A stream whose client has not taken a write for this long is ended and recorded
+    # as cancelled; until then it holds at most about write_buffer_bytes plus 64 KiB.
+    stream_stall_s: float = Field(default=30.0, gt=0)
+    write_buffer_bytes: int = Field(default=64 * 1024, ge=4096)
+
+    @field_validator("write_buffer_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        return parse_size(value)
 
 
 class VllmOptions(BaseModel):
@@ -174,9 +211,14 @@ class Settings(BaseSettings):
     # The box's page (/, /dashboard) and its data (/stats, /status): open like /healthz,
     # or the data behind auth_token too ("token"; the page then asks for it).
     dashboard_access: Literal["open", "token"] = "open"
+    # Who may read the inference log (prompts and completions) over HTTP: everyone
+    # (open), holders of auth_token (token), or nobody (off). None: token when an
+    # auth_token is set, open otherwise.
+    logs_access: Literal["open", "token", "off"] | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     logs: LogSettings = LogSettings()
+    http: HttpSettings = HttpSettings()
     upload: UploadSettings = UploadSettings()
     engine: EngineSettings = EngineSettings()
     vllm: VllmOptions = VllmOptions()
@@ -185,6 +227,19 @@ class Settings(BaseSettings):
     @classmethod
     def _size(cls, value: int | str) -> int:
         return parse_size(value)
+
+    @model_validator(mode="after")
+    def _logs_token_exists(self) -> Settings:
+        if self.logs_access == "token" and not self.auth_token:
+            raise ValueError("logs_access = 'token' needs auth_token to be set")
+        return self
+
+    @property
+    def effective_logs_access(self) -> Literal["open", "token", "off"]:
+        """``logs_access``, with its default resolved from ``auth_token``."""
+        if self.logs_access is not None:
+            return self.logs_access
+        return "token" if self.auth_token else "open"
 
     @classmethod
     def settings_customise_sources(

@@ -82,6 +82,13 @@ class BodyTooLarge(ApiError):
     error_type = "invalid_request_error"
 
 
+class BodyTimeout(ApiError):
+    """The body did not arrive in time: a stalled client, or a Content-Length it never sends."""
+
+    status = 408
+    error_type = "invalid_request_error"
+
+
 class AuthenticationFailed(ApiError):
     status = 401
     error_type = "authentication_error"
@@ -146,6 +153,20 @@ class Draining(ApiError):
     def __init__(self) -> None:
         super().__init__(
             "the daemon is shutting down", code="shutting_down", headers={"Retry-After": "5"}
+        )
+
+
+class TooManyConnections(ApiError):
+    """A connection past http.max_connections while every open one has a request running."""
+
+    status = 503
+    error_type = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "too many open connections; retry shortly",
+            code="too_many_connections",
+            headers={"Retry-After": "1"},
         )
 
 

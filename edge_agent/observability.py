@@ -36,6 +36,13 @@ ENGINE_RESTARTS = Counter(
     ["reason"],
 )
 QUEUED = Gauge("edge_agent_requests_queued", "Sequences admitted and waiting for a slot")
+# Past http.max_connections: idle connections closed for a newcomer, newcomers refused.
+CONNECTIONS_EVICTED = Counter(
+    "edge_agent_http_connections_evicted", "Idle connections closed to stay within the cap"
+)
+CONNECTIONS_REFUSED = Counter(
+    "edge_agent_http_connections_refused", "Connections answered 503: every one was busy"
+)
 
 
 def observe_request(

@@ -26,6 +26,8 @@ from edge_agent.protocol.dashboard import DURATION_PATTERN, BoxStatus, StatsQuer
 from edge_agent.protocol.edge import (
     DASHBOARD_ASSETS,
     DASHBOARD_PAGES,
+    LOG_PATHS,
+    LOGS_PATH,
     OPENAI_PREFIX,
     SPEC_PATH,
     DeployedModelList,
@@ -35,7 +37,7 @@ from edge_agent.protocol.edge import (
     open_paths,
 )
 from edge_agent.protocol.embeddings import EmbeddingsRequest, EmbeddingsResponse
-from edge_agent.protocol.logs import LogPage
+from edge_agent.protocol.logs import LogPage, LogQuery, LogRecords
 from edge_agent.protocol.native import NativeOutputs, NativeRecords
 from edge_agent.protocol.openai import (
     ChatCompletionChunk,
@@ -87,6 +89,8 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (LogPage, "serialization"),
     (StatsSeries, "serialization"),
     (BoxStatus, "serialization"),
+    (LogQuery, "validation"),
+    (LogRecords, "serialization"),
     (ErrorResponse, "serialization"),
     (TokenizePromptRequest, "validation"),
     (TokenizeChatRequest, "validation"),
@@ -149,6 +153,7 @@ _ERROR_RESPONSES: dict[str, dict[str, Any]] = {
     "NotFound": _error("No such path, pipeline or resource"),
     "MethodNotAllowed": _error("Wrong method for this path; `Allow` lists the right ones"),
     "PayloadTooLarge": _error("Request body over the configured limit"),
+    "BodyTimeout": _error("The request body did not arrive within http.body_timeout_s"),
     "TooManyRequests": _error("The request queue is full", retry_after=True),
     "InternalError": _error("Unexpected failure; the daemon logged the details"),
     "Unavailable": _error("The model is still loading or the daemon is draining", retry_after=True),
@@ -162,6 +167,7 @@ def _errors(*codes: str) -> dict[str, Any]:
         "401": "Unauthorized",
         "404": "NotFound",
         "405": "MethodNotAllowed",
+        "408": "BodyTimeout",
         "413": "PayloadTooLarge",
         "429": "TooManyRequests",
         "500": "InternalError",
@@ -243,7 +249,7 @@ def _inference_operation(
                     "text/event-stream": _sse(chunk, f"One server-sent event: a {chunk.__name__}"),
                 },
             },
-            **_errors("400", "405", "413", "429", "500", "503", "504"),
+            **_errors("400", "405", "408", "413", "429", "500", "503", "504"),
         },
     }
 
@@ -378,7 +384,7 @@ def _native_operation(operation_id: str, summary: str, *, extra: dict[str, Any])
                 "description": "One record per input record",
                 "content": _json(_ref(NativeOutputs)),
             },
-            **_errors("400", "405", "413", "429", "500", "503", "504"),
+            **_errors("400", "405", "408", "413", "429", "500", "503", "504"),
         },
     }
 
@@ -461,8 +467,9 @@ def _tokenizer_paths() -> dict[str, Any]:
     }
 
 
-def _edge_paths() -> dict[str, Any]:
-    return {
+def _edge_paths(logs_access: str) -> dict[str, Any]:
+    example = {"summary": "the latest five records", "value": {"limit": 5}}
+    paths = {
         **_tokenizer_paths(),
         "/pipelines": _get(
             "listPipelines",
@@ -512,7 +519,7 @@ def _edge_paths() -> dict[str, Any]:
                 }
             },
         ),
-        "/logs": {
+        LOGS_PATH: {
             "get": {
                 "operationId": "recentLogs",
                 "summary": "Recent inference log records, newest first",
@@ -557,9 +564,28 @@ def _edge_paths() -> dict[str, Any]:
                     "200": {"description": "A page of records", "content": _json(_ref(LogPage))},
                     **_errors("400", "404", "405", "500"),
                 },
-            }
+            },
+            "post": {
+                "operationId": "queryLogs",
+                "summary": "Inference log records as pandas-records, oldest first",
+                "description": "The body filters the records; `{}` asks for the latest 100.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        media: {"schema": _ref(LogQuery), "examples": {"basic": example}}
+                        for media in ("application/json; format=pandas-records", "application/json")
+                    },
+                },
+                "responses": {
+                    "200": {"description": "The records", "content": _json(_ref(LogRecords))},
+                    **_errors("400", "404", "405", "408", "413", "500"),
+                },
+            },
         },
     }
+    if logs_access == "off":  # not served: not in the document either
+        del paths[LOGS_PATH]
+    return paths
 
 
 def _duration_parameter(name: str) -> dict[str, Any]:
@@ -625,7 +651,7 @@ def build_spec(settings: Settings, manifest: ModelManifest, *, server_url: str) 
     paths = _openai_paths(manifest.name) if enabled else _native_paths(settings.pipeline)
     if enabled and manifest.embedding.enabled:
         paths.update(_embeddings_path(manifest.name))
-    paths.update(_edge_paths())
+    paths.update(_edge_paths(settings.effective_logs_access))
     paths.update(_dashboard_paths())
     _, schemas = _component_schemas()
     components: dict[str, Any] = {
@@ -658,8 +684,10 @@ def build_spec(settings: Settings, manifest: ModelManifest, *, server_url: str) 
         spec["security"] = [{"bearerAuth": []}]
         for path, item in paths.items():
             for operation in item.values():
-                if path in open_paths(settings.dashboard_access):
-                    # Health, metrics, this document and (by default) the page stay open.
+                if path in open_paths(settings.dashboard_access) or (
+                    path in LOG_PATHS and settings.effective_logs_access == "open"
+                ):
+                    # Health, metrics, this document, (by default) the page and an open log.
                     operation["security"] = []
                 else:
                     operation["responses"].update(_errors("401"))

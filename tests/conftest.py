@@ -222,6 +222,26 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         server.stop()
 
 
+# The connection cap and the deadlines of a daemon under attack, small enough to reach.
+GUARDED_CAP = 32
+GUARDED_HTTP = {
+    "EDGE_AGENT_HTTP__MAX_CONNECTIONS": str(GUARDED_CAP),
+    "EDGE_AGENT_HTTP__HEADER_TIMEOUT_S": "3",
+    "EDGE_AGENT_HTTP__BODY_TIMEOUT_S": "2",
+}
+
+
+@pytest.fixture(scope="session")
+def guarded_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for the hostile-client tests: a small connection cap, short deadlines."""
+    server = Daemon(tmp_path_factory.mktemp("guarded"), env=GUARDED_HTTP)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start daemons with their own settings; each is stopped at the end of the test."""

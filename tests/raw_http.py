@@ -62,3 +62,53 @@ def _dechunk(data: bytes) -> bytes:
         out += data[:size]
         assert data[size : size + 2] == b"\r\n", "each chunk ends with CRLF"
         data = data[size + 2 :]
+
+
+async def exchange(
+    host: str, port: int, request: bytes, *, within_s: float = 30.0, half_close: bool = False
+) -> RawResponse | None:
+    """Send ``request`` as is and read the first response; None when the server answers nothing.
+
+    ``half_close`` shuts the client's sending side after the request, as a client does
+    that has nothing more to send (the server then sees the end of a truncated body).
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+        return await asyncio.wait_for(_read_response(reader), within_s)
+    except (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError):
+        return None
+    finally:
+        writer.close()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> RawResponse | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None  # closed without a word
+        raise
+    status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+    version, status, *_ = status_line.split(" ")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        raw = bytearray()
+        while not raw.endswith(b"0\r\n\r\n"):
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            raw += chunk
+        body = _dechunk(bytes(raw))
+    else:
+        body = await reader.read()
+    closed = headers.get("connection", "").lower() == "close"
+    return RawResponse(version.removeprefix("HTTP/"), int(status), headers, body, closed)

@@ -137,6 +137,9 @@ def test_a_token_box_refuses_a_client_without_it(start_daemon: Callable[..., Dae
         EdgePipeline(box.url, max_retries=0).logs()
     answer = EdgePipeline(box.url, token="s3cret").openai_completion(prompt="hi", max_tokens=2)
     assert isinstance(answer, Completion) and answer.choices[0].text is not None
+    # The log follows the token too (logs_access defaults to token when one is set).
+    frame = EdgePipeline(box.url, token="s3cret").logs(limit=1)
+    assert json.loads(frame.iloc[-1]["out.json"])["id"] == answer.id
 
 
 # --- native inference, logs, pipeline name ------------------------------------------------

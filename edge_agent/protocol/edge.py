@@ -25,6 +25,12 @@ def open_paths(dashboard_access: Literal["open", "token"]) -> frozenset[str]:
     return paths | DASHBOARD_DATA_PATHS if dashboard_access == "open" else paths
 
 
+LOGS_PATH = "/logs"
+# Paths that hand out inference records (prompts and completions): guarded by the
+# logs_access setting rather than by auth_token alone.
+LOG_PATHS = frozenset({LOGS_PATH})
+
+
 class PipelineStatus(BaseModel):
     id: str
     status: Literal["Running", "Error"]

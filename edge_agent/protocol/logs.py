@@ -1,4 +1,4 @@
-"""The inference log record (CONTRACT.md section 6) and the ``GET /logs`` page.
+"""The inference log record (CONTRACT.md section 6), the ``GET /logs`` page, ``POST /logs``.
 
 The same record is committed to the store, uploaded to the collector and read back
 from ``/logs``: one model for all three.
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 RecordStatus = Literal["ok", "error", "cancelled"]
 RecordEndpoint = Literal["completions", "chat/completions", "embeddings", "infer"]
+# The most records one read returns (the store's own bound too).
+MAX_LOG_PAGE = 1000
 
 
 class ServedModel(BaseModel):
@@ -63,3 +65,16 @@ class LogPage(BaseModel):
     object: Literal["list"] = "list"
     data: list[LogRecord]
     has_more: bool
+
+
+class LogQuery(BaseModel):
+    """``POST /logs``: which records; ``{}`` asks for the latest 100."""
+
+    # A misspelt filter is a 400 naming it, not a silently unfiltered answer.
+    model_config = ConfigDict(extra="forbid")
+    limit: int = Field(default=100, ge=1, le=MAX_LOG_PAGE, description="at most this many")
+    since: str | None = Field(default=None, description="only records after this id (exclusive)")
+
+
+class LogRecords(RootModel[list[LogRecord]]):
+    """``POST /logs`` answer: pandas-records, oldest first (``iloc[-1]`` is the latest)."""

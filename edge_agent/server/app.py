@@ -14,7 +14,7 @@ from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
 from edge_agent.logbook import LogbookCollector, LogStore, Uploader
 from edge_agent.manifest import ModelManifest
-from edge_agent.protocol.edge import DASHBOARD_ASSETS, DASHBOARD_PAGES, SPEC_PATH
+from edge_agent.protocol.edge import DASHBOARD_ASSETS, DASHBOARD_PAGES, LOGS_PATH, SPEC_PATH
 from edge_agent.server import (
     dashboard_routes,
     edge_routes,
@@ -87,7 +87,8 @@ def create_app(
     app.router.add_get("/healthz", edge_routes.healthz)
     app.router.add_get("/readyz", edge_routes.readyz)
     app.router.add_get("/metrics", edge_routes.metrics)
-    app.router.add_get("/logs", logs_routes.recent_logs)
+    app.router.add_get(LOGS_PATH, logs_routes.recent_logs)
+    app.router.add_post(LOGS_PATH, logs_routes.query_logs)
     app.router.add_post("/tokenize", tokenize_routes.tokenize)
     app.router.add_post("/detokenize", tokenize_routes.detokenize)
     app.router.add_get(SPEC_PATH, edge_routes.openapi_yaml)

@@ -18,7 +18,7 @@ from edge_agent.errors import (
     MethodNotAllowed,
     NotFound,
 )
-from edge_agent.protocol.edge import open_paths
+from edge_agent.protocol.edge import LOG_PATHS, open_paths
 from edge_agent.server.engine_errors import as_api_error
 from edge_agent.server.state import state_of
 from edge_agent.server.wire import json_response
@@ -68,11 +68,27 @@ def _http_error(exc: web.HTTPException) -> ApiError:
 
 @web.middleware
 async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Inference needs ``auth_token`` when one is set; the log's paths follow ``logs_access``,
+    the page's data ``dashboard_access``."""
     settings = state_of(request).settings
-    token = settings.auth_token
-    if token and request.path not in open_paths(settings.dashboard_access):
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
-            raise AuthenticationFailed("missing or wrong bearer token")
+    if request.path in LOG_PATHS:
+        access = settings.effective_logs_access
+        if access == "off":
+            raise NotFound("the inference log is not served over HTTP on this box (logs_access)")
+        needs_token = access == "token"
+    else:
+        open_here = open_paths(settings.dashboard_access)
+        needs_token = bool(settings.auth_token) and request.path not in open_here
+    if needs_token and not _bearer_matches(request, settings.auth_token):
+        raise AuthenticationFailed("missing or wrong bearer token")
     return await handler(request)
+
+
+def _bearer_matches(request: web.Request, token: str | None) -> bool:
+    if not token:  # logs_access = token without a token: refused at load, refused here too
+        return False
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    # Bytes, not str: compare_digest refuses non-ASCII str, and a header is the client's to
+    # choose. The comparison takes the same time wherever the first wrong byte is.
+    given = value.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given, token.encode())

@@ -22,10 +22,12 @@ from edge_agent.protocol.native import (
     NativeRecords,
 )
 from edge_agent.protocol.openai import CompletionRequest
+from edge_agent.server.body import read_body, require_json
 from edge_agent.server.openai_requests import prepare
 from edge_agent.server.params import model_defaults
 from edge_agent.server.records import RequestLedger
 from edge_agent.server.state import AppState, state_of
+from edge_agent.server.strict_json import StrictJsonError, loads_strict
 from edge_agent.server.wire import json_response
 
 
@@ -38,8 +40,11 @@ async def pipeline_infer(request: web.Request) -> web.Response:
 
 async def infer(request: web.Request) -> web.Response:
     state = state_of(request)
-    ledger = RequestLedger(state, "infer", await request.read())
+    ledger = RequestLedger(state, "infer", b"")
     async with ledger.guard():
+        # Read inside the guard: a body that never arrives whole is recorded too.
+        ledger.raw = await read_body(request)
+        require_json(request)
         if state.manifest.openai.enabled:
             raise OpenAIEnabled()
         texts = _texts(ledger.raw)
@@ -75,6 +80,10 @@ async def _answer(state: AppState, text: str, ledger: RequestLedger) -> NativeOu
 
 
 def _texts(raw: bytes) -> list[str]:
+    try:
+        loads_strict(raw)
+    except StrictJsonError as exc:
+        raise InvalidRequest(str(exc)) from None
     try:
         records = NativeRecords.model_validate_json(raw)
     except ValidationError as exc:

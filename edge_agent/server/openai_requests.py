@@ -23,6 +23,7 @@ from edge_agent.protocol.openai import (
 from edge_agent.server.engine_errors import as_api_error
 from edge_agent.server.openai_tools import ToolUse, chat_messages, tool_use
 from edge_agent.server.params import EffectiveParams, effective_params
+from edge_agent.server.strict_json import StrictJsonError, loads_strict
 
 Endpoint = Literal["completions", "chat/completions"]
 
@@ -49,6 +50,10 @@ class PreparedRequest:
 
 def parse_request(endpoint: Endpoint, raw: bytes) -> CompletionRequest | ChatCompletionRequest:
     model = CompletionRequest if endpoint == "completions" else ChatCompletionRequest
+    try:
+        loads_strict(raw)
+    except StrictJsonError as exc:
+        raise InvalidRequest(str(exc)) from None
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

@@ -14,11 +14,12 @@ from edge_agent.engine.scheduler import GenerationClock, Step
 from edge_agent.errors import ApiError, OpenAIDisabled
 from edge_agent.protocol.edge import OPENAI_PREFIX
 from edge_agent.protocol.openai import ModelCard, ModelList
+from edge_agent.server.body import read_body, require_json
 from edge_agent.server.openai_requests import Endpoint, PreparedRequest, parse_request, prepare
 from edge_agent.server.openai_responses import ResponseBuilder, response_builder
 from edge_agent.server.params import model_defaults
 from edge_agent.server.records import RequestLedger
-from edge_agent.server.sse import SseWriter, keep_alive
+from edge_agent.server.sse import ClientStalled, SseWriter, keep_alive
 from edge_agent.server.state import AppState, state_of
 from edge_agent.server.wire import json_response
 
@@ -49,8 +50,11 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     state = state_of(request)
-    ledger = RequestLedger(state, endpoint, await request.read())
+    ledger = RequestLedger(state, endpoint, b"")
     async with ledger.guard():
+        # Read inside the guard: a body that never arrives whole is recorded too.
+        ledger.raw = await read_body(request)
+        require_json(request)
         if not state.manifest.openai.enabled:
             raise OpenAIDisabled()
         parsed = parse_request(endpoint, ledger.raw)
@@ -90,14 +94,36 @@ async def _stream(
     builder: ResponseBuilder,
     ledger: RequestLedger,
 ) -> web.StreamResponse:
-    clock = ledger.clock
     writer = SseWriter(request)
-    await writer.start()
+    try:
+        await writer.start()
+        try:
+            await _stream_steps(state, prepared, builder, ledger, writer)
+        except (ApiError, EngineError) as error:
+            # The status line is gone: the failure travels as an event, then [DONE].
+            await writer.send((await ledger.fail(error)).envelope())
+        return await writer.done()
+    except ClientStalled as stalled:
+        # Recorded before the connection drops: dropping it cancels this handler.
+        await ledger.end_cancelled(str(stalled))
+        writer.abort()
+        return writer.response
+
+
+async def _stream_steps(
+    state: AppState,
+    prepared: PreparedRequest,
+    builder: ResponseBuilder,
+    ledger: RequestLedger,
+    writer: SseWriter,
+) -> None:
+    clock = ledger.clock
     for opening in builder.opening_chunks():
         await writer.send(opening)
     remaining = len(prepared.sequences)
-    steps = keep_alive(_choices(state, prepared, clock), writer, state.settings.sse_ping_s)
-    try:
+    choices = keep_alive(_choices(state, prepared, clock), writer, state.settings.sse_ping_s)
+    # Closed on the way out, so a stalled or failed stream stops generating at once.
+    async with contextlib.aclosing(choices) as steps:
         async for index, step in steps:
             builder.add(index, step)
             if step.finish_reason is None or remaining > 1:
@@ -116,10 +142,6 @@ async def _stream(
             else:
                 for chunk in builder.step_chunks(index, step, usage):
                     await writer.send(chunk)
-    except (ApiError, EngineError) as error:
-        # The status line is gone: the failure travels as an event, then [DONE].
-        await writer.send((await ledger.fail(error)).envelope())
-    return await writer.done()
 
 
 async def _choices(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,16 +24,18 @@ from edge_agent.logbook import new_record_id
 from edge_agent.observability import observe_request
 from edge_agent.protocol.logs import LogRecord, RecordEndpoint, RecordStatus
 from edge_agent.server.engine_errors import as_api_error
+from edge_agent.server.redaction import redact_request, redact_response
 from edge_agent.server.state import AppState
+from edge_agent.server.strict_json import StrictJsonError, loads_strict
 
 log = structlog.get_logger(__name__)
 
 
 def request_body_for_log(raw: bytes) -> Any:
-    """The body as received: parsed JSON where it parses, the text where it does not."""
+    """The body as received: parsed where it is strict JSON, the text where it is not."""
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):  # nesting past Python's recursion limit too
+        return loads_strict(raw)
+    except StrictJsonError:  # NaN, repeated keys, nesting past any parser's limit...
         return raw.decode("utf-8", errors="replace")
 
 
@@ -71,6 +72,11 @@ class RequestLedger:
         await self.commit()
         return mapped
 
+    async def end_cancelled(self, reason: str) -> None:
+        """Record a request ended early for ``reason`` (a stalled client) and commit."""
+        self._end_early("cancelled", reason)
+        await self.commit()
+
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[RequestLedger]:
         """Run a handler: every way out leaves one record, then the metrics and a log line."""
@@ -91,6 +97,10 @@ class RequestLedger:
         """The record of CONTRACT.md section 6, as stored and uploaded."""
         state, clock = self.state, self.clock
         manifest = state.manifest
+        request_body, response_json = request_body_for_log(self.raw), self.response_json
+        if not state.settings.logs.store_text:
+            request_body = redact_request(request_body)
+            response_json = redact_response(response_json)
         record = {
             "id": new_record_id(),
             "time": self.accepted_ms,
@@ -98,8 +108,8 @@ class RequestLedger:
             "model": {"name": manifest.name, "version": manifest.version, "sha": manifest.sha256},
             "backend": state.backend.info.name,
             "endpoint": self.endpoint,
-            "in": request_body_for_log(self.raw),
-            "out": {"json": self.response_json},
+            "in": request_body,
+            "out": {"json": response_json},
             "params": self.params,
             "metrics": {
                 "ttft": clock.ttft,

@@ -16,6 +16,7 @@ _LIVE = frozenset(
         "max_queue",
         "shutdown_grace_s",
         "sse_ping_s",
+        "logs_access",
     }
 )
 
