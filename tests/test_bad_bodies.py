@@ -24,6 +24,7 @@ from tests.raw_http import RawResponse, exchange
 Client = TestClient[web.Request, web.Application]
 COMPLETIONS = f"{OPENAI_PREFIX}/completions"
 CHAT = f"{OPENAI_PREFIX}/chat/completions"
+EMBEDDINGS = f"{OPENAI_PREFIX}/embeddings"
 JSON = "application/json"
 BODY_TIMEOUT_S = 1.0
 MAX_BODY = 1024 * 1024
@@ -79,6 +80,15 @@ ROWS: list[tuple[str, bytes, int, str | None]] = [
     ("an empty body", post(COMPLETIONS, b""), 400, None),
     ("whitespace only", post(COMPLETIONS, b"  \n "), 400, None),
     ("trailing garbage", post(COMPLETIONS, b'{"prompt": "hi"} {}'), 400, None),
+    ("embeddings: NaN", post(EMBEDDINGS, b'{"input": "hi", "x": NaN}'), 400, None),
+    (
+        "embeddings: text/plain",
+        post(EMBEDDINGS, b'{"input": "hi"}', content_type="text/plain"),
+        400,
+        None,
+    ),
+    ("tokenize: duplicate keys", post("/tokenize", b'{"prompt": "a", "prompt": "b"}'), 400, None),
+    ("detokenize: deeply nested", post("/detokenize", DEEP), 400, None),
     ("not UTF-8", post(COMPLETIONS, b'{"prompt": "\xff\xfe"}'), 400, None),
     ("a lone surrogate escape", post(COMPLETIONS, b'{"prompt": "\\ud800"}'), 400, None),
     ("text/plain", post(COMPLETIONS, b'{"prompt": "hi"}', content_type="text/plain"), 400, None),

@@ -174,6 +174,8 @@ def test_redaction_keeps_parameters_and_drops_the_prompt() -> None:
     assert redact_request(chat) == {"max_tokens": 5, "user": "u"}
     assert redact_request([{"text": "my secret"}]) == [{}]
     assert redact_request("not json: my secret") is None
+    embedding = {"input": ["my secret", "another"], "encoding_format": "float"}
+    assert redact_request(embedding) == {"encoding_format": "float"}
 
 
 def test_redaction_keeps_usage_and_finish_reasons_and_drops_the_text() -> None:

@@ -12,7 +12,6 @@ import base64
 
 import numpy as np
 from aiohttp import web
-from pydantic import ValidationError
 
 from edge_agent.engine.types import Backend, BackendInfo, EmbeddingRequest
 from edge_agent.errors import ContextLengthExceeded, InvalidRequest, NotFound, OpenAIDisabled
@@ -22,7 +21,8 @@ from edge_agent.protocol.embeddings import (
     EmbeddingsResponse,
     EmbeddingUsage,
 )
-from edge_agent.server.openai_requests import as_invalid_request
+from edge_agent.server.body import read_body, require_json
+from edge_agent.server.openai_requests import parse_body
 from edge_agent.server.records import RequestLedger
 from edge_agent.server.state import state_of
 from edge_agent.server.wire import json_response
@@ -30,8 +30,11 @@ from edge_agent.server.wire import json_response
 
 async def embeddings(request: web.Request) -> web.Response:
     state = state_of(request)
-    ledger = RequestLedger(state, "embeddings", await request.read())
+    ledger = RequestLedger(state, "embeddings", b"")
     async with ledger.guard():
+        # Read inside the guard: a body that never arrives whole is recorded too.
+        ledger.raw = await read_body(request)
+        require_json(request)
         if not state.manifest.openai.enabled:
             raise OpenAIDisabled()
         if not state.manifest.embedding.enabled:
@@ -63,10 +66,7 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 def _parse(raw: bytes) -> EmbeddingsRequest:
-    try:
-        return EmbeddingsRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        raise as_invalid_request(exc) from None
+    return parse_body(EmbeddingsRequest, raw)
 
 
 def _check_dimensions(parsed: EmbeddingsRequest, info: BackendInfo) -> None:

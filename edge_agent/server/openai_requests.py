@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from edge_agent.engine.types import (
     Backend,
@@ -49,7 +49,17 @@ class PreparedRequest:
 
 
 def parse_request(endpoint: Endpoint, raw: bytes) -> CompletionRequest | ChatCompletionRequest:
-    model = CompletionRequest if endpoint == "completions" else ChatCompletionRequest
+    if endpoint == "completions":
+        return parse_body(CompletionRequest, raw)
+    return parse_body(ChatCompletionRequest, raw)
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_body(model: type[Body], raw: bytes) -> Body:
+    """A JSON body as ``model``: what JSON parsers let through refused first, then the
+    model's own validation, each failure the 400 that names the field."""
     try:
         loads_strict(raw)
     except StrictJsonError as exc:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# Request fields that carry the user's text (OpenAI chat and completions, native records).
-_TEXT_FIELDS = frozenset({"prompt", "messages", "suffix", "text"})
+# Request fields that carry the user's text (OpenAI chat, completions and embeddings,
+# native records).
+_TEXT_FIELDS = frozenset({"prompt", "messages", "suffix", "text", "input"})
 # Per choice, what the client was told that is not text.
 _CHOICE_FIELDS = ("index", "finish_reason", "stop_reason")
 

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import pydantic_core
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from edge_agent.engine.types import Backend, ToolSpec, UnsupportedFeature
 from edge_agent.errors import InvalidRequest
@@ -21,8 +21,9 @@ from edge_agent.protocol.tokenize import (
     TokenizePromptRequest,
     TokenizeResponse,
 )
+from edge_agent.server.body import read_body, require_json
 from edge_agent.server.engine_errors import as_api_error
-from edge_agent.server.openai_requests import as_invalid_request
+from edge_agent.server.openai_requests import parse_body
 from edge_agent.server.openai_tools import chat_messages
 from edge_agent.server.state import state_of
 from edge_agent.server.wire import json_response
@@ -30,7 +31,8 @@ from edge_agent.server.wire import json_response
 
 async def tokenize(request: web.Request) -> web.Response:
     state = state_of(request)
-    raw = await request.read()
+    raw = await read_body(request)
+    require_json(request)
     # The body's shape picks the model, so an error names the field as the client wrote it.
     body = _loads(raw)
     parsed: TokenizeChatRequest | TokenizePromptRequest
@@ -56,7 +58,9 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     state = state_of(request)
-    parsed = _parse(DetokenizeRequest, await request.read())
+    raw = await read_body(request)
+    require_json(request)
+    parsed = _parse(DetokenizeRequest, raw)
     state.require_ready()
     try:
         text = await asyncio.to_thread(state.backend.detokenize, parsed.tokens)
@@ -76,10 +80,7 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 def _parse(model: type[Body], raw: bytes) -> Body:
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        raise as_invalid_request(exc) from None
+    return parse_body(model, raw)
 
 
 def _tokenize(
