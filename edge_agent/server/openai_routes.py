@@ -94,7 +94,8 @@ async def _stream(
     builder: ResponseBuilder,
     ledger: RequestLedger,
 ) -> web.StreamResponse:
-    writer = SseWriter(request)
+    http = state.settings.http
+    writer = SseWriter(request, stall_s=http.stream_stall_s, buffer_bytes=http.write_buffer_bytes)
     try:
         await writer.start()
         try:

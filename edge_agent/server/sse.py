@@ -25,8 +25,6 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from edge_agent.server.state import state_of
-
 DONE = b"data: [DONE]\n\n"
 KEEP_ALIVE = b": keep-alive\n\n"
 
@@ -38,11 +36,13 @@ class ClientStalled(Exception):
 
 
 class SseWriter:
-    def __init__(self, request: web.Request) -> None:
+    def __init__(
+        self, request: web.Request, *, stall_s: float = 30.0, buffer_bytes: int = 64 * 1024
+    ) -> None:
+        """``stall_s`` and ``buffer_bytes``: ``http.stream_stall_s`` and ``write_buffer_bytes``."""
         self._request = request
-        http = state_of(request).settings.http
-        self._stall_s = http.stream_stall_s
-        self._buffer_bytes = http.write_buffer_bytes
+        self._stall_s = stall_s
+        self._buffer_bytes = buffer_bytes
         self.response = web.StreamResponse(
             status=200,
             headers={
