@@ -7,7 +7,9 @@ requests of 1, 16 and 256 short inputs one after another for about ``--seconds``
 and prints embeddings/s and the time per request. Then, with the daemon stopped (never
 both at once), the same 256 inputs through the embedding context in this process (no
 HTTP, no engine process): once batched as the daemon batches, once one input per
-``llama_decode``, which shows what batching buys on this machine.
+``llama_decode``, which shows what batching buys on this machine. Last, when
+bench/build_llama_server.sh has built it, llama.cpp's own ``llama-server --embeddings``
+(mean pooling, the same threads and model) gets the same requests at ``/v1/embeddings``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+# A sibling script: run as bench/embed_bench.py, its folder is on the path.
+from serve_bench import cached_llama_server
+
 REPO = Path(__file__).resolve().parent.parent
+
 SIZES = (1, 16, 256)
 PATH = "/infer/openai/v1/embeddings"
 
@@ -110,6 +116,47 @@ def bench_daemon(seconds: float) -> list[tuple[str, int, float, float, int]]:
             process.wait(timeout=30)
 
 
+def bench_llama_server(binary: Path, seconds: float) -> list[tuple[str, int, float, float, int]]:
+    from edge_agent.manifest import load_manifest
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gguf = load_manifest("smollm2-135m-instruct").gguf_path()
+    process = subprocess.Popen(
+        [
+            *(str(binary), "--model", str(gguf), "--embeddings", "--pooling", "mean"),
+            *("--threads", str(os.cpu_count() or 1), "--ctx-size", "8192", "--parallel", "16"),
+            *("--batch-size", "512", "--ubatch-size", "512", "--port", str(port)),
+            *("--host", "127.0.0.1", "--no-webui"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit("llama-server did not become ready") from None
+            time.sleep(0.1)
+        post(url + "/v1/embeddings", {"input": "warm up"})
+        rows = []
+        for n in SIZES:
+            body = {"input": short_inputs(n), "encoding_format": "float"}
+            rate, median, calls = measure(
+                lambda b=body: post(url + "/v1/embeddings", b), n, seconds
+            )
+            rows.append(("llama-server HTTP", n, rate, median, calls))
+        return rows
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def bench_in_process(seconds: float, batch_inputs: int) -> tuple[float, float, int]:
     import llama_cpp
 
@@ -145,17 +192,26 @@ def bench_in_process(seconds: float, batch_inputs: int) -> tuple[float, float, i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        default=cached_llama_server(),
+        help="llama.cpp's llama-server binary (default: bench/build_llama_server.sh's)",
+    )
     args = parser.parse_args()
     rows = bench_daemon(args.seconds)
     for batch_inputs, name in ((16, "in-process, 16 a batch"), (1, "in-process, 1 a batch")):
         rate, median, calls = bench_in_process(args.seconds, batch_inputs)
         rows.append((name, 256, rate, median, calls))
+    if args.llama_server is not None:
+        rows += bench_llama_server(args.llama_server, args.seconds)
     print(f"{os.cpu_count()} cores, SmolLM2-135M-Instruct Q4_1, short inputs (8-12 tokens)\n")
     print("| path | inputs a request | embeddings/s | ms a request (median) | requests |")
     print("|---|---|---|---|---|")
     for name, n, rate, median, calls in rows:
         print(f"| {name} | {n} | {rate:.1f} | {median * 1000:.1f} | {calls} |")
-    print("\nllama-server's /v1/embeddings is not measured here (no llama-server build).")
+    if args.llama_server is None:
+        print("\nllama-server: not built, left out (bench/build_llama_server.sh builds it)")
 
 
 if __name__ == "__main__":

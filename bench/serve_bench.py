@@ -356,6 +356,10 @@ async def restart_time(server: Server, tries: int = 3) -> dict[str, float]:
             killed = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
             while True:
+                if time.perf_counter() - killed > 120:
+                    raise TimeoutError(
+                        f"{server.name}'s engine did not come back; see {server.log.name}"
+                    )
                 await asyncio.sleep(0.01)
                 async with session.get(f"http://127.0.0.1:{server.port}/readyz") as response:
                     if response.status == 200:

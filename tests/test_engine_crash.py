@@ -249,3 +249,27 @@ def test_a_configuration_that_keeps_crashing_while_serving_is_dropped_for_the_ne
     info = engine_info(daemon)
     assert info["configuration"] == "no_repack"
     assert "repack crashed 2 times" in info["reason"]
+
+
+def test_kills_from_outside_restart_the_engine_but_keep_its_configuration(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """kill -9 by an operator or the OOM killer says nothing against llama.cpp's kernels."""
+    env = {
+        "EDGE_AGENT_ENGINE__PROBE_CACHE": str(tmp_path / "probes.json"),
+        "EDGE_AGENT_ENGINE__CRASHES_BEFORE_FALLBACK": "2",
+    }
+    daemon = start_daemon(env=env)
+    assert engine_info(daemon)["configuration"] == "repack"
+    for restarts in (1, 2, 3):
+        os.kill(engine_info(daemon)["pid"], signal.SIGKILL)
+        wait_for(lambda n=restarts: engine_info(daemon)["restarts"] == n)  # type: ignore[misc]
+        wait_for(lambda: get_json(f"{daemon.url}/readyz")[0] == 200)
+    assert engine_info(daemon)["configuration"] == "repack"
+    request = urllib.request.Request(
+        f"{daemon.url}/infer/openai/v1/completions",
+        data=json.dumps({"prompt": "Hi", "max_tokens": 2, "logit_bias": NO_END}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    assert reply["usage"]["completion_tokens"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from edge_agent.engine.backends.llamacpp_probe import (
     Verdict,
     VerdictCache,
     choose_config,
+    engine_faulted,
     rule_out,
     run_probe,
     select_config,
@@ -121,3 +123,22 @@ def test_a_broken_cache_file_is_a_miss(tmp_path: Path) -> None:
     assert VerdictCache(path).get("key") is None
     path.write_text(json.dumps(["a list"]))
     assert VerdictCache(path).get("key") is None
+
+
+@pytest.mark.parametrize(
+    ("returncode", "kill_reason", "faulted"),
+    [
+        (-signal.SIGSEGV, None, True),
+        (-signal.SIGILL, None, True),
+        (-signal.SIGABRT, None, True),
+        (1, None, True),  # an exception in the engine process
+        (-signal.SIGKILL, None, False),  # an operator's kill -9, the OOM killer
+        (-signal.SIGTERM, None, False),
+        (0, None, False),
+        (-signal.SIGKILL, "stalled: no step for 120 s", True),  # hung: the daemon killed it
+    ],
+)
+def test_only_the_engines_own_faults_count_against_its_configuration(
+    returncode: int, kill_reason: str | None, faulted: bool
+) -> None:
+    assert engine_faulted(returncode, kill_reason) is faulted

@@ -66,6 +66,26 @@ def probe_timeout(gguf: Path) -> float:
     return PROBE_TIMEOUT_S + 30.0 * size_gb
 
 
+# Signals a process gets for its own fault: a bad memory access, an illegal or
+# unsupported instruction (an AMX tile op without the kernel's permission), an abort.
+FAULT_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS}
+)
+
+
+def engine_faulted(returncode: int, kill_reason: str | None) -> bool:
+    """Whether an engine's end was its own fault, and so evidence against its configuration.
+
+    A fault signal, an error exit, or a hang (the daemon killed it as ``stalled``) is; a
+    signal from outside (``kill -9`` by an operator, the OOM killer, SIGTERM) is not.
+    """
+    if kill_reason is not None:
+        return kill_reason.startswith("stalled")
+    if returncode < 0:
+        return -returncode in FAULT_SIGNALS
+    return returncode != 0
+
+
 def signal_name(returncode: int) -> str:
     """``SIGSEGV`` for a process killed by signal 11, ``exit 3`` for a plain exit."""
     if returncode < 0:

@@ -27,7 +27,7 @@ import structlog
 
 from edge_agent.engine.backends.llamacpp import LlamaCppFront
 from edge_agent.engine.backends.llamacpp_config import CONFIGS, CpuConfig
-from edge_agent.engine.backends.llamacpp_probe import rule_out, signal_name
+from edge_agent.engine.backends.llamacpp_probe import engine_faulted, rule_out, signal_name
 from edge_agent.engine.backends.llamacpp_wire import (
     Cancel,
     Embed,
@@ -164,7 +164,8 @@ class LlamaCppProcessBackend(LlamaCppFront):
         self._engine: EngineProcess | None = None
         self._config: CpuConfig | None = None
         self._unavailable: str | None = "the engine is starting"
-        self._crashes: deque[float] = deque()
+        self._crashes: deque[float] = deque()  # the engine's own faults, in the window
+        self._deaths: deque[float] = deque()  # every death, in the window: the backoff
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
         self._restarting: asyncio.Task[None] | None = None
@@ -222,7 +223,10 @@ class LlamaCppProcessBackend(LlamaCppFront):
             returncode = await engine.exited
             why = signal_name(returncode)
             log.error("engine_died_starting", pid=engine.pid, config=self._config.name, why=why)
-            if not await self._after_crash(why, never_served=first) or self._closing:
+            faulted = engine_faulted(returncode, engine.kill_reason)
+            if not await self._after_crash(why, faulted=faulted, never_served=first) or (
+                self._closing
+            ):
                 raise BackendError(self._unavailable or f"the engine died starting: {why}")
 
     def _on_step(self, step: Step) -> None:
@@ -269,11 +273,12 @@ class LlamaCppProcessBackend(LlamaCppFront):
             requests_ended=ended,
             served_s=round(time.monotonic() - engine.started_at, 1),
         )
-        self._restarting = asyncio.get_running_loop().create_task(self._restart(why))
+        faulted = engine_faulted(returncode, engine.kill_reason)
+        self._restarting = asyncio.get_running_loop().create_task(self._restart(why, faulted))
 
-    async def _restart(self, why: str) -> None:
+    async def _restart(self, why: str, faulted: bool) -> None:
         died_at = time.perf_counter()
-        if not await self._after_crash(why, never_served=False):
+        if not await self._after_crash(why, faulted=faulted, never_served=False):
             return
         try:
             await self._start_engine(first=False)
@@ -285,20 +290,27 @@ class LlamaCppProcessBackend(LlamaCppFront):
         self.last_restart_s = time.perf_counter() - died_at
         log.info("engine_restarted", restarts=self.restarts, seconds=round(self.last_restart_s, 3))
 
-    async def _after_crash(self, why: str, *, never_served: bool) -> bool:
-        """Count the crash, fall back if this configuration keeps crashing, wait the backoff.
+    async def _after_crash(self, why: str, *, faulted: bool, never_served: bool) -> bool:
+        """Count the death, fall back if this configuration keeps faulting, wait the backoff.
 
-        A configuration whose first engine dies before it is ready has never served on
-        this box (``never_served``): it is ruled out at once rather than crash-looped.
-        False when there is nothing left to try.
+        Only a fault of the engine's own (``faulted``: a crash signal, an error exit, a
+        hang) speaks against its configuration. A configuration whose first engine
+        faults before it is ready has never served on this box (``never_served``): it is
+        ruled out at once rather than crash-looped. A kill from outside (an operator's
+        ``kill -9``, the OOM killer) says nothing about the configuration: the engine is
+        restarted, after the backoff, with the same one. False when nothing is left to try.
         """
         policy = self._policy
         now = time.monotonic()
-        self._crashes.append(now)
+        self._deaths.append(now)
+        while self._deaths and now - self._deaths[0] > policy.crash_window_s:
+            self._deaths.popleft()
+        if faulted:
+            self._crashes.append(now)
         while self._crashes and now - self._crashes[0] > policy.crash_window_s:
             self._crashes.popleft()
         assert self._config is not None
-        if len(self._crashes) >= policy.crashes_before_fallback or never_served:
+        if faulted and (len(self._crashes) >= policy.crashes_before_fallback or never_served):
             verdict = rule_out(
                 self._cache,
                 ladder=self._ladder,
@@ -319,7 +331,9 @@ class LlamaCppProcessBackend(LlamaCppFront):
             log.warning("engine_fallback", config=verdict.config, reason=verdict.reason)
             self._config = CONFIGS[verdict.config]
             self._crashes.clear()
-        delay = min(policy.max_backoff_s, policy.backoff_s * 2 ** max(0, len(self._crashes) - 1))
+        # Every death in the window doubles the wait, whatever killed the engine: an OOM
+        # kill that comes back with each start must not become a tight restart loop.
+        delay = min(policy.max_backoff_s, policy.backoff_s * 2 ** max(0, len(self._deaths) - 1))
         await asyncio.sleep(delay)
         return not self._closing
 
