@@ -658,7 +658,10 @@ async def main() -> int:
         default=cached_llama_server(),
         help="llama.cpp's llama-server binary (default: bench/build_llama_server.sh's)",
     )
+    parser.add_argument("--no-llama-server", action="store_true", help="leave llama-server out")
     args = parser.parse_args()
+    if args.no_llama_server:
+        args.llama_server = None
     per_client = 1 if args.quick else 3
     min_requests = 2 if args.quick else 8
     threads = os.cpu_count() or 1
