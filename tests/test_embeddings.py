@@ -23,6 +23,7 @@ from tests.conftest import Daemon, RecordingSink, make_settings
 
 MODEL = "smollm2-135m-instruct"
 PATH = "/infer/openai/v1/embeddings"
+JSON = "application/json"
 WIDTH = 576  # SmolLM2-135M's hidden size: its vector length
 slow = pytest.mark.slow  # against the session's daemon subprocess
 TEXTS = [
@@ -167,7 +168,7 @@ def test_the_models_own_dimensions_are_accepted(daemon: Daemon) -> None:
 
 
 async def post(client: Any, body: Any) -> tuple[int, dict[str, Any]]:
-    response = await client.post(PATH, data=json.dumps(body))
+    response = await client.post(PATH, data=json.dumps(body), headers={"Content-Type": JSON})
     return response.status, await response.json()
 
 
