@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -198,6 +199,19 @@ class Daemon:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"daemon not ready: {self.log_path.read_text()[-2000:]}")
+
+    def post_json(self, path: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """POST ``body`` as JSON to ``path``: the status and the JSON answer, errors too."""
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)
 
     def stop(self) -> int:
         if self.process.poll() is None:

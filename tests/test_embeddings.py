@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,19 +114,6 @@ def test_models_list_names_the_model_that_embeds(daemon: Daemon) -> None:
     assert [m.id for m in sdk(daemon).models.list().data] == [MODEL]
 
 
-def post_to(daemon: Daemon, body: Any) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        daemon.url + PATH,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
 @slow
 @pytest.mark.parametrize(
     ("body", "param", "code"),
@@ -150,7 +135,7 @@ def post_to(daemon: Daemon, body: Any) -> tuple[int, dict[str, Any]]:
 def test_bad_input_is_a_400_naming_the_parameter(
     daemon: Daemon, body: dict[str, Any], param: str, code: str | None
 ) -> None:
-    status, answer = post_to(daemon, body)
+    status, answer = daemon.post_json(PATH, body)
     assert status == 400, answer
     assert answer["error"]["type"] == "invalid_request_error"
     assert answer["error"]["param"] == param
@@ -159,7 +144,7 @@ def test_bad_input_is_a_400_naming_the_parameter(
 
 @slow
 def test_the_models_own_dimensions_are_accepted(daemon: Daemon) -> None:
-    status, answer = post_to(daemon, {"input": "hi", "dimensions": WIDTH})
+    status, answer = daemon.post_json(PATH, {"input": "hi", "dimensions": WIDTH})
     assert status == 200, answer
     assert len(answer["data"][0]["embedding"]) == WIDTH
 

@@ -51,19 +51,6 @@ def native_manifest() -> str:
     )
 
 
-def _post(daemon: Daemon, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        daemon.url + path,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
 def _bound(body: Any) -> None:
     """Keep generated inference requests cheap without changing what they test."""
     if not isinstance(body, dict):
@@ -185,7 +172,7 @@ def test_daemon_still_serves_after_fuzzing(daemon: Daemon) -> None:
 )
 def test_penalties_are_applied_not_a_500(daemon: Daemon, penalty: tuple[str, float]) -> None:
     name, value = penalty
-    status, answer = _post(daemon, COMPLETIONS, {"prompt": "hi", "max_tokens": 4, name: value})
+    status, answer = daemon.post_json(COMPLETIONS, {"prompt": "hi", "max_tokens": 4, name: value})
     assert status == 200, answer
     assert answer["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -217,7 +204,7 @@ def _request_schema_accepts(spec: dict[str, Any], component: str, body: Any) -> 
 def test_the_document_refuses_what_the_server_refuses(
     daemon: Daemon, manifest: ModelManifest, body: dict[str, Any]
 ) -> None:
-    status, answer = _post(daemon, COMPLETIONS, body)
+    status, answer = daemon.post_json(COMPLETIONS, body)
     assert status == 400, answer
     spec = build_spec(Settings(), manifest, server_url=daemon.url)
     assert not _request_schema_accepts(spec, "CompletionRequest", body)
@@ -241,7 +228,7 @@ EMBEDDINGS = "/infer/openai/v1/embeddings"
 def test_the_document_refuses_the_embeddings_the_server_refuses(
     daemon: Daemon, manifest: ModelManifest, body: dict[str, Any]
 ) -> None:
-    status, answer = _post(daemon, EMBEDDINGS, body)
+    status, answer = daemon.post_json(EMBEDDINGS, body)
     assert status == 400, answer
     spec = build_spec(Settings(), manifest, server_url=daemon.url)
     assert not _request_schema_accepts(spec, "EmbeddingsRequest", body)

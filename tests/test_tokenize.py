@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 import openai
@@ -26,21 +23,8 @@ TOOL = {
 }
 
 
-def post(daemon: Daemon, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        daemon.url + path,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
 def ok(daemon: Daemon, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    status, answer = post(daemon, path, body)
+    status, answer = daemon.post_json(path, body)
     assert status == 200, answer
     return answer
 
@@ -103,7 +87,7 @@ def test_detokenize_gives_back_the_text(daemon: Daemon) -> None:
 def test_bad_input_is_a_400_naming_the_field(
     daemon: Daemon, path: str, body: dict[str, Any], param: str | None
 ) -> None:
-    status, answer = post(daemon, path, body)
+    status, answer = daemon.post_json(path, body)
     assert status == 400
     assert answer["error"]["type"] == "invalid_request_error"
     assert answer["error"]["param"] == (param or "add_generation_prompt")
