@@ -16,14 +16,16 @@ from aiohttp import web
 from edge_agent import sdnotify
 from edge_agent.checks import check_engine, format_results, run_checks
 from edge_agent.config import ConfigError, Settings, load_settings
-from edge_agent.engine.backend_choice import BackendChoiceError, build_backend, choose_backend
-from edge_agent.engine.types import Backend
+from edge_agent.engine.backend_choice import BackendChoiceError, backend_for
 from edge_agent.logbook.cli import add_logbook_commands
 from edge_agent.manifest import ManifestError, ModelManifest, load_manifest
+from edge_agent.model_cli import add_model_commands
+from edge_agent.model_store import desired_model, find_model, read_pin, remove_pid, write_pid
 from edge_agent.observability import configure_logging
 from edge_agent.openapi import spec_yaml
 from edge_agent.server.app import create_app, wait_until_loaded
 from edge_agent.server.listener import start_listening
+from edge_agent.server.model_routes import SWITCHER_KEY
 from edge_agent.server.reload import apply_reload
 from edge_agent.server.state import STATE_KEY
 
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_args(probe)
     probe.set_defaults(func=_probe_engine)
     add_logbook_commands(commands)
+    add_model_commands(commands, _settings_args)
     add_api_spec_command(commands)
     return parser
 
@@ -121,14 +124,20 @@ def _load(args: argparse.Namespace) -> tuple[Settings, ModelManifest]:
         state_dir=args.state_dir,
         model=args.model,
     )
-    return settings, load_manifest(settings.model)
+    return settings, serving_manifest(settings)
 
 
-def make_backend(settings: Settings, manifest: ModelManifest) -> Backend:
-    """vLLM on a CUDA box that has it, llama.cpp otherwise; one log line says which and why."""
-    choice = choose_backend(settings.backend, manifest)
-    log.info("backend_chosen", backend=choice.name, reason=choice.reason)
-    return build_backend(choice, manifest, settings)
+def serving_manifest(settings: Settings) -> ModelManifest:
+    """The model to serve: the configured one, or the one a swap chose since (the pin)."""
+    wanted = desired_model(settings.model, read_pin(settings.state_dir))
+    if wanted != settings.model:
+        try:
+            return find_model(wanted, settings.state_dir)
+        except ManifestError as exc:
+            log.warning(
+                "swapped_model_missing", model=wanted, error=str(exc), serving=settings.model
+            )
+    return find_model(settings.model, settings.state_dir)
 
 
 def _probe_engine(args: argparse.Namespace) -> int:
@@ -186,8 +195,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings, manifest = _load(args)
         configure_logging(settings.log_format)
-        backend = make_backend(settings, manifest)
-        app = create_app(settings, manifest, backend)
+        backend = backend_for(settings, manifest)
+        app = create_app(settings, manifest, backend, backend_factory=backend_for)
     except (ConfigError, ManifestError, BackendChoiceError, ValueError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
@@ -204,6 +213,11 @@ async def _run(app: web.Application, settings: Settings, args: argparse.Namespac
         )
         return 2
     log.info("listening", host=settings.host, port=settings.port, pipeline=settings.pipeline)
+    try:
+        # `edge-agent models use` finds the daemon to signal here.
+        write_pid(settings.state_dir)
+    except OSError as exc:
+        log.warning("pid_file_not_written", error=str(exc))
     watchdog = sdnotify.WatchdogPinger()
     watchdog.start()
     announcer = asyncio.create_task(_announce_when_ready(app))
@@ -223,10 +237,13 @@ async def _run(app: web.Application, settings: Settings, args: argparse.Namespac
 
     # Readiness drops first: new requests get 503 while in-flight streams finish.
     grace = state.settings.shutdown_grace_s
-    sdnotify.stopping(f"draining {state.scheduler.in_flight} sequences")
-    log.info("stopping", in_flight=state.scheduler.in_flight, grace_s=grace)
-    if not await state.scheduler.drain(grace):
-        log.warning("grace_period_over", in_flight=state.scheduler.in_flight)
+    in_flight = sum(m.scheduler.in_flight for m in state.all_served())
+    sdnotify.stopping(f"draining {in_flight} sequences")
+    log.info("stopping", in_flight=in_flight, grace_s=grace)
+    if not await state.drain(grace):
+        in_flight = sum(m.scheduler.in_flight for m in state.all_served())
+        log.warning("grace_period_over", in_flight=in_flight)
+    remove_pid(settings.state_dir)
     announcer.cancel()
     await runner.cleanup()  # closes the backend, then flushes and closes the log store
     await watchdog.stop()
@@ -258,7 +275,12 @@ async def _reload(app: web.Application, args: argparse.Namespace) -> None:
         log.info("reloaded", applied=applied, needs_restart=needs_restart)
         if needs_restart:
             log.warning("reload_needs_restart", settings=needs_restart)
-    sdnotify.ready("serving (reloaded)")
+        # A new `model` in the file, or `edge-agent models use`: the same swap as the API's.
+        wanted = desired_model(state.settings.model, read_pin(state.settings.state_dir))
+        result = await app[SWITCHER_KEY].switch(wanted, origin="sighup")
+        if result.outcome != "unchanged":
+            log.info("reload_model_swap", outcome=result.outcome, detail=result.detail)
+    sdnotify.ready(f"serving {state.manifest.name} (reloaded)")
 
 
 if __name__ == "__main__":

@@ -217,6 +217,13 @@ class Settings(BaseSettings):
     logs_access: Literal["open", "token", "off"] | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # How a model swap loads the new model: beside the old one while it serves
+    # (side_by_side), or after it has finished its requests (drained: a 503 window, for
+    # a box without memory for two), or whichever the memory estimate allows (auto).
+    model_swap: Literal["auto", "side_by_side", "drained"] = "auto"
+    # Who may swap the model over HTTP (PUT /models/active): holders of auth_token, or
+    # anyone ("open"). With "token" and no auth_token set, nobody may.
+    model_swap_access: Literal["token", "open"] = "token"
     logs: LogSettings = LogSettings()
     http: HttpSettings = HttpSettings()
     upload: UploadSettings = UploadSettings()

@@ -156,6 +156,38 @@ class Draining(ApiError):
         )
 
 
+class ModelSwapping(ApiError):
+    """New requests in the short window of a drained model swap (no memory for two)."""
+
+    status = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 10) -> None:
+        super().__init__(
+            message, code="model_swapping", headers={"Retry-After": str(retry_after_s)}
+        )
+
+
+class Conflict(ApiError):
+    status = 409
+    error_type = "invalid_request_error"
+
+
+class Forbidden(ApiError):
+    status = 403
+    error_type = "invalid_request_error"
+
+
+class SwapFailed(ApiError):
+    """A candidate model refused: its weights, its load or its canary failed."""
+
+    status = 422
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model", code="model_swap_failed")
+
+
 class TooManyConnections(ApiError):
     """A connection past http.max_connections while every open one has a request running."""
 

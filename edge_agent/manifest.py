@@ -122,6 +122,20 @@ class EmbeddingSection(BaseModel):
         return self
 
 
+class CanarySection(BaseModel):
+    """``[canary]``: the temperature-0 prompt a model must answer before a swap serves it.
+
+    ``sha256`` is the digest of the expected text (UTF-8); without it the canary must
+    only produce tokens, and its digest is logged for the manifest to pin later.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(default="The three primary colours are", min_length=1)
+    max_tokens: int = Field(default=8, ge=1, le=256)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
 class ModelManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -131,6 +145,7 @@ class ModelManifest(BaseModel):
     hf: HfArtifact | None = None
     openai: OpenAISection = OpenAISection()
     embedding: EmbeddingSection = EmbeddingSection()
+    canary: CanarySection = CanarySection()
     source: Path = Path(".")  # the manifest file; set by load_manifest
 
     @model_validator(mode="after")
@@ -168,31 +183,38 @@ class ModelManifest(BaseModel):
         return self.embedding.gguf.resolve(self.source.parent)
 
 
-def manifest_dirs() -> list[Path]:
+def manifest_dirs(installed: Path | None = None) -> list[Path]:
+    """Where a manifest named without a path is looked for, first match wins.
+
+    ``installed`` is the state directory's models (``edge-agent models install``).
+    """
     dirs = []
     if extra := os.environ.get("EDGE_AGENT_MODELS_DIR"):
         dirs.append(Path(extra))
+    if installed is not None:
+        dirs.append(installed)
     # An operator's manifests, this checkout's, then the ones installed with the package.
     dirs += [Path("/etc/edge-agent/models"), _REPO_MODELS_DIR, _INSTALLED_MODELS_DIR]
     return dirs
 
 
-def find_manifest(name_or_path: str) -> Path:
+def find_manifest(name_or_path: str, installed: Path | None = None) -> Path:
     candidate = Path(name_or_path)
     if candidate.suffix == ".toml" or candidate.is_file():
         if candidate.is_file():
             return candidate
         raise ManifestError(f"model manifest not found: {candidate}")
-    for directory in manifest_dirs():
+    for directory in manifest_dirs(installed):
         path = directory / f"{name_or_path}.toml"
         if path.is_file():
             return path
-    searched = ", ".join(str(d) for d in manifest_dirs())
+    searched = ", ".join(str(d) for d in manifest_dirs(installed))
     raise ManifestError(f"no manifest named {name_or_path!r} in {searched}")
 
 
-def load_manifest(name_or_path: str) -> ModelManifest:
-    path = find_manifest(name_or_path)
+def load_manifest(name_or_path: str, installed: Path | None = None) -> ModelManifest:
+    """The manifest at a path, or by name in the models directories (``manifest_dirs``)."""
+    path = find_manifest(name_or_path, installed)
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)

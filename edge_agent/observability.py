@@ -101,3 +101,16 @@ def configure_logging(log_format: Literal["auto", "json", "console"] = "auto") -
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=True,
     )
+
+
+MODEL_INFO = Gauge(
+    "edge_agent_model_info",
+    "The model serving now: 1 for its name, weights sha256 and version",
+    ["name", "sha", "version"],
+)
+
+
+def set_model_info(name: str, sha: str, version: str) -> None:
+    """One series for the model serving; a swap replaces it rather than adding one."""
+    MODEL_INFO.clear()
+    MODEL_INFO.labels(name=name, sha=sha, version=version).set(1)

@@ -24,14 +24,17 @@ from edge_agent.config import Settings
 from edge_agent.manifest import ModelManifest
 from edge_agent.protocol.dashboard import DURATION_PATTERN, BoxStatus, StatsQuery, StatsSeries
 from edge_agent.protocol.edge import (
+    ACTIVE_MODEL_PATH,
     DASHBOARD_ASSETS,
     DASHBOARD_PAGES,
     LOG_PATHS,
     LOGS_PATH,
     OPENAI_PREFIX,
     SPEC_PATH,
+    ActiveModelRequest,
     DeployedModelList,
     Health,
+    ModelSwapResult,
     PipelineList,
     Readiness,
     open_paths,
@@ -84,6 +87,8 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (NativeOutputs, "serialization"),
     (PipelineList, "serialization"),
     (DeployedModelList, "serialization"),
+    (ActiveModelRequest, "validation"),
+    (ModelSwapResult, "serialization"),
     (Health, "serialization"),
     (Readiness, "serialization"),
     (LogPage, "serialization"),
@@ -150,7 +155,13 @@ _ERROR_RESPONSES: dict[str, dict[str, Any]] = {
         "the context window exceeded, or the wrong endpoint for this model's OpenAI setting"
     ),
     "Unauthorized": _error("Bearer token missing or wrong"),
+    "Forbidden": _error("Not allowed on this box: a model swap with no auth_token set"),
     "NotFound": _error("No such path, pipeline or resource"),
+    "Conflict": _error("Another model swap is under way"),
+    "Unprocessable": _error(
+        "The candidate model was refused (its sha256, its load or its canary) and the "
+        "serving model keeps serving"
+    ),
     "MethodNotAllowed": _error("Wrong method for this path; `Allow` lists the right ones"),
     "PayloadTooLarge": _error("Request body over the configured limit"),
     "BodyTimeout": _error("The request body did not arrive within http.body_timeout_s"),
@@ -165,10 +176,13 @@ def _errors(*codes: str) -> dict[str, Any]:
     names = {
         "400": "BadRequest",
         "401": "Unauthorized",
+        "403": "Forbidden",
         "404": "NotFound",
+        "409": "Conflict",
         "405": "MethodNotAllowed",
         "408": "BodyTimeout",
         "413": "PayloadTooLarge",
+        "422": "Unprocessable",
         "429": "TooManyRequests",
         "500": "InternalError",
         "503": "Unavailable",
@@ -448,6 +462,35 @@ def _post_json(
     }
 
 
+def _put_active_model() -> dict[str, Any]:
+    summary = "Swap the serving model without dropping a request (answers once it serves)"
+    return {
+        "put": {
+            "operationId": "setActiveModel",
+            "summary": summary,
+            "description": (
+                "Loads the model beside the serving one, runs its canary, then routes new "
+                "requests to it; requests in flight finish on the old model. Needs the "
+                "bearer token; refused (403) when none is configured unless "
+                "model_swap_access = 'open'."
+            ),
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": _ref(ActiveModelRequest),
+                        "examples": {"basic": {"summary": summary, "value": {"model": "my-model"}}},
+                    }
+                },
+            },
+            "responses": {
+                "200": {"description": "The model serves", "content": _json(_ref(ModelSwapResult))},
+                **_errors("400", "403", "404", "405", "409", "413", "422", "500"),
+            },
+        }
+    }
+
+
 def _tokenizer_paths() -> dict[str, Any]:
     return {
         "/tokenize": _post_json(
@@ -481,6 +524,7 @@ def _edge_paths(logs_access: str) -> dict[str, Any]:
             "The deployed model: name, weights digest, status, version",
             {"200": {"description": "Models", "content": _json(_ref(DeployedModelList))}},
         ),
+        ACTIVE_MODEL_PATH: _put_active_model(),
         "/healthz": _get(
             "health",
             "Liveness: 200 while the process serves HTTP",

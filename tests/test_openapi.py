@@ -26,6 +26,7 @@ from tests.conftest import Daemon, make_settings
 EDGE_PATHS = {
     "/pipelines",
     "/models",
+    "/models/active",
     "/healthz",
     "/readyz",
     "/metrics",

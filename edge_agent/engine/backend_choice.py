@@ -13,12 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import structlog
+
 from edge_agent.config import Settings
 from edge_agent.engine.hardware import GpuInfo, probe_gpu
 from edge_agent.engine.types import Backend
 from edge_agent.manifest import ModelManifest
 
 BackendName = Literal["llamacpp", "vllm"]
+# Builds the backend for a model: the daemon's start and every model swap go through one.
+BackendFactory = Callable[[Settings, ModelManifest], Backend]
+
+log = structlog.get_logger(__name__)
 
 
 class BackendChoiceError(Exception):
@@ -123,3 +129,10 @@ def build_backend(choice: BackendChoice, manifest: ModelManifest, settings: Sett
     return LlamaCppProcessBackend(
         manifest.gguf_path(), policy=policy, log_format=settings.log_format, **options
     )
+
+
+def backend_for(settings: Settings, manifest: ModelManifest) -> Backend:
+    """vLLM on a CUDA box that has it, llama.cpp otherwise; one log line says which and why."""
+    choice = choose_backend(settings.backend, manifest)
+    log.info("backend_chosen", model=manifest.name, backend=choice.name, reason=choice.reason)
+    return build_backend(choice, manifest, settings)

@@ -56,6 +56,9 @@ class EngineStatus(BaseModel):
     unavailable_reason: str | None = None
 
 
+ModelRole = Literal["active", "candidate", "retiring"]
+
+
 class DeployedModel(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
@@ -64,6 +67,45 @@ class DeployedModel(BaseModel):
     version: str
     backend: str | None = Field(default=None, description="llamacpp or vllm")
     engine: EngineStatus | None = None
+    role: ModelRole = Field(
+        default="active",
+        description=(
+            "active: serving new requests; candidate: a model a swap is loading, or the "
+            "last one refused (status Error); retiring: swapped out, finishing its requests"
+        ),
+    )
+    reason: str | None = Field(default=None, description="why a candidate is where it is")
+
+
+ACTIVE_MODEL_PATH = "/models/active"
+
+
+class ActiveModelRequest(BaseModel):
+    """``PUT /models/active``: serve another model, swapped in without dropping requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        min_length=1,
+        description="a manifest name (installed with `edge-agent models install`) or path",
+    )
+
+
+class ModelSwapResult(BaseModel):
+    """How a swap ended; the active model is in ``models`` as ``GET /models`` lists it."""
+
+    outcome: Literal["swapped", "unchanged"]
+    model: str
+    detail: str
+    mode: Literal["side_by_side", "drained"] | None = Field(
+        default=None,
+        description="side_by_side: loaded beside the serving model; drained: loaded after it",
+    )
+    canary_sha256: str | None = Field(
+        default=None, description="sha256 of the canary's temperature-0 text"
+    )
+    seconds: float
+    models: list[DeployedModel]
 
 
 class DeployedModelList(BaseModel):
@@ -76,7 +118,10 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: str = Field(
-        description="ready, loading, error, restarting (the engine) or running (while draining)"
+        description=(
+            "ready, loading, error, restarting (the engine), swapping (a drained model "
+            "swap) or running (while draining)"
+        )
     )
     model: str | None = None
     reason: str | None = None

@@ -10,23 +10,33 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from edge_agent.config import Settings
+from edge_agent.engine.backend_choice import BackendFactory, backend_for
 from edge_agent.engine.scheduler import Scheduler
 from edge_agent.engine.types import Backend
 from edge_agent.logbook import LogbookCollector, LogStore, Uploader
 from edge_agent.manifest import ModelManifest
-from edge_agent.protocol.edge import DASHBOARD_ASSETS, DASHBOARD_PAGES, LOGS_PATH, SPEC_PATH
+from edge_agent.observability import set_model_info
+from edge_agent.protocol.edge import (
+    ACTIVE_MODEL_PATH,
+    DASHBOARD_ASSETS,
+    DASHBOARD_PAGES,
+    LOGS_PATH,
+    SPEC_PATH,
+)
 from edge_agent.server import (
     dashboard_routes,
     edge_routes,
     embeddings_routes,
     logs_routes,
+    model_routes,
     native_routes,
     openai_routes,
     tokenize_routes,
 )
 from edge_agent.server.middleware import bearer_token, errors_as_envelopes
-from edge_agent.server.params import model_defaults
-from edge_agent.server.state import STATE_KEY, AppState, DiscardingSink, RecordSink
+from edge_agent.server.model_swap import ModelSwitcher
+from edge_agent.server.params import served_manifest
+from edge_agent.server.state import STATE_KEY, AppState, DiscardingSink, RecordSink, ServedModel
 
 log = structlog.get_logger(__name__)
 
@@ -41,21 +51,15 @@ def create_app(
     backend: Backend,
     *,
     records: RecordSink | None = None,
+    backend_factory: BackendFactory = backend_for,
 ) -> web.Application:
     """The daemon's app; the model loads in the background once the app starts.
 
     Inference records go to ``records`` when given, else to the durable log store in
-    the state directory (unless logging is off in the settings).
+    the state directory (unless logging is off in the settings). A model swap builds
+    the new model's backend with ``backend_factory``.
     """
-    if settings.openai_enabled is not None:
-        manifest = manifest.model_copy(
-            update={
-                "openai": manifest.openai.model_copy(update={"enabled": settings.openai_enabled})
-            }
-        )
-    # A default that a request could not carry either fails the start, not a request.
-    model_defaults(manifest, "completions")
-    model_defaults(manifest, "chat/completions")
+    manifest = served_manifest(manifest, settings.openai_enabled)
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         middlewares=[errors_as_envelopes, bearer_token],
@@ -67,14 +71,14 @@ def create_app(
     if records is None and settings.logs.enabled:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         log_store = LogStore.from_settings(settings.state_dir, settings.logs)
-    app[STATE_KEY] = AppState(
+    state = AppState(
         settings=settings,
-        manifest=manifest,
-        backend=backend,
-        scheduler=scheduler,
+        active=ServedModel(manifest, backend, scheduler),
         records=records or log_store or DiscardingSink(),
         log_store=log_store,
     )
+    app[STATE_KEY] = state
+    app[model_routes.SWITCHER_KEY] = ModelSwitcher(state, backend_factory)
     prefix = openai_routes.PREFIX
     app.router.add_post(f"{prefix}/completions", openai_routes.completions)
     app.router.add_post(f"{prefix}/chat/completions", openai_routes.chat_completions)
@@ -84,6 +88,7 @@ def create_app(
     app.router.add_post("/pipelines/{pipeline}", native_routes.pipeline_infer)
     app.router.add_get("/pipelines", edge_routes.pipelines)
     app.router.add_get("/models", edge_routes.models)
+    app.router.add_put(ACTIVE_MODEL_PATH, model_routes.put_active)
     app.router.add_get("/healthz", edge_routes.healthz)
     app.router.add_get("/readyz", edge_routes.readyz)
     app.router.add_get("/metrics", edge_routes.metrics)
@@ -123,7 +128,9 @@ async def _load(state: AppState) -> None:
         log.error("model_load_failed", error=str(exc))
         return
     state.status, state.status_detail = "Running", "ready"
-    log.info("model_ready", model=state.manifest.name, backend=state.backend.info.name)
+    manifest = state.manifest
+    set_model_info(manifest.name, manifest.sha256, manifest.version)
+    log.info("model_ready", model=manifest.name, backend=state.backend.info.name)
 
 
 async def _start_uploader(app: web.Application) -> None:
@@ -146,7 +153,10 @@ async def _unload(app: web.Application) -> None:
     if not loader.done():
         loader.cancel()
     state = app[STATE_KEY]
-    await state.backend.close()
+    served = state.all_served()
+    await app[model_routes.SWITCHER_KEY].close()
+    for model in served:
+        await model.backend.close()
     # Records of requests that ran until now are in the store; stop shipping, then close.
     if _UPLOADER_KEY in app:
         await app[_UPLOADER_KEY].stop()

@@ -177,7 +177,7 @@ def box_status(state: AppState) -> BoxStatus:
 
 
 def _state_name(state: AppState) -> BoxState:
-    if state.scheduler.draining:
+    if state.draining:
         return "draining"
     if state.status == "Loading":
         return "loading"

@@ -12,11 +12,12 @@ from edge_agent.protocol.edge import (
     DeployedModelList,
     EngineStatus,
     Health,
+    ModelRole,
     PipelineList,
     PipelineStatus,
     Readiness,
 )
-from edge_agent.server.state import state_of
+from edge_agent.server.state import AppState, ModelStatus, ServedModel, state_of
 from edge_agent.server.wire import json_response
 
 
@@ -31,7 +32,9 @@ async def readyz(request: web.Request) -> web.Response:
             Readiness(status="ready", model=state.manifest.name), exclude_none=True
         )
     status = state.status.lower()
-    if state.status == "Running" and state.backend.unavailable is not None:
+    if state.status == "Running" and state.swap_pause is not None:
+        status = "swapping"
+    elif state.status == "Running" and state.backend.unavailable is not None:
         status = "restarting"
     return json_response(
         Readiness(status=status, reason=state.not_ready_reason),
@@ -53,13 +56,35 @@ async def pipelines(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    state = state_of(request)
-    manifest = state.manifest
-    info = state.backend.info
-    model = DeployedModel(
+    return json_response(DeployedModelList(models=deployed_models(state_of(request))))
+
+
+def deployed_models(state: AppState) -> list[DeployedModel]:
+    """The active model first, then a swap's candidate and the models being retired."""
+    listed = [_deployed(state.active, state.status, "active")]
+    listed += [_deployed(old, "Running", "retiring") for old in state.retiring]
+    if state.candidate is not None:
+        manifest = state.candidate.manifest
+        listed.append(
+            DeployedModel(
+                name=manifest.name,
+                sha=manifest.sha256,
+                status=state.candidate.status,
+                version=manifest.version,
+                role="candidate",
+                reason=state.candidate.reason,
+            )
+        )
+    return listed
+
+
+def _deployed(served: ServedModel, status: ModelStatus, role: ModelRole) -> DeployedModel:
+    manifest, backend = served.manifest, served.backend
+    info = backend.info
+    return DeployedModel(
         name=manifest.name,
         sha=manifest.sha256,
-        status=state.status,
+        status=status,
         version=manifest.version,
         backend=info.name,
         engine=EngineStatus(
@@ -67,11 +92,11 @@ async def models(request: web.Request) -> web.Response:
             reason=info.configuration_reason,
             restarts=info.restarts,
             pid=info.engine_pid,
-            available=state.backend.unavailable is None,
-            unavailable_reason=state.backend.unavailable,
+            available=backend.unavailable is None,
+            unavailable_reason=backend.unavailable,
         ),
+        role=role,
     )
-    return json_response(DeployedModelList(models=[model]))
 
 
 # This daemon's own series (the inference log's), beside the process-wide ones.
@@ -79,9 +104,9 @@ APP_METRICS = web.AppKey("edge_agent_app_metrics", CollectorRegistry)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    scheduler = state_of(request).scheduler
-    IN_FLIGHT.set(scheduler.in_flight)
-    QUEUED.set(scheduler.queued)
+    served = state_of(request).all_served()
+    IN_FLIGHT.set(sum(m.scheduler.in_flight for m in served))
+    QUEUED.set(sum(m.scheduler.queued for m in served))
     body = generate_latest(REGISTRY)
     if APP_METRICS in request.app:
         body += generate_latest(request.app[APP_METRICS])

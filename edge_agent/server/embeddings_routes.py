@@ -35,19 +35,20 @@ async def embeddings(request: web.Request) -> web.Response:
         # Read inside the guard: a body that never arrives whole is recorded too.
         ledger.raw = await read_body(request)
         require_json(request)
-        if not state.manifest.openai.enabled:
+        served = ledger.served
+        if not served.manifest.openai.enabled:
             raise OpenAIDisabled()
-        if not state.manifest.embedding.enabled:
+        if not served.manifest.embedding.enabled:
             raise NotFound("this model does not serve embeddings ([embedding] enabled = false)")
         parsed = _parse(ledger.raw)
         ledger.params = parsed.for_log()
-        state.require_ready()
-        info = state.backend.info
+        state.require_ready(served)
+        info = served.backend.info
         _check_dimensions(parsed, info)
-        inputs = await asyncio.to_thread(_as_tokens, parsed, state.backend)
+        inputs = await asyncio.to_thread(_as_tokens, parsed, served.backend)
         _check_inputs(inputs, info)
         ledger.prompt_tokens = sum(len(tokens) for tokens in inputs)
-        result = await state.scheduler.embed(
+        result = await served.scheduler.embed(
             EmbeddingRequest(ledger.request_id, inputs), clock=ledger.clock
         )
         tokens = ledger.prompt_tokens
@@ -56,7 +57,7 @@ async def embeddings(request: web.Request) -> web.Response:
             Embedding(index=i, embedding=_encode(vector, parsed.encoding_format))
             for i, vector in enumerate(result.vectors)
         ]
-        body = EmbeddingsResponse(data=data, model=state.manifest.embedding_model, usage=usage)
+        body = EmbeddingsResponse(data=data, model=served.manifest.embedding_model, usage=usage)
         response = json_response(body)
         ledger.response_json = body.model_copy(
             update={"data": [item.model_copy(update={"embedding": []}) for item in data]}

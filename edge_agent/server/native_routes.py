@@ -26,7 +26,7 @@ from edge_agent.server.body import read_body, require_json
 from edge_agent.server.openai_requests import prepare
 from edge_agent.server.params import model_defaults
 from edge_agent.server.records import RequestLedger
-from edge_agent.server.state import AppState, state_of
+from edge_agent.server.state import state_of
 from edge_agent.server.strict_json import StrictJsonError, loads_strict
 from edge_agent.server.wire import json_response
 
@@ -45,24 +45,23 @@ async def infer(request: web.Request) -> web.Response:
         # Read inside the guard: a body that never arrives whole is recorded too.
         ledger.raw = await read_body(request)
         require_json(request)
-        if state.manifest.openai.enabled:
+        if ledger.served.manifest.openai.enabled:
             raise OpenAIEnabled()
         texts = _texts(ledger.raw)
-        state.require_ready()
-        outputs = [await _answer(state, text, ledger) for text in texts]
+        state.require_ready(ledger.served)
+        outputs = [await _answer(text, ledger) for text in texts]
         response = json_response(NativeOutputs(outputs))
         ledger.response_json = response.text
         return response
 
 
-async def _answer(state: AppState, text: str, ledger: RequestLedger) -> NativeOutput:
+async def _answer(text: str, ledger: RequestLedger) -> NativeOutput:
     started = time.perf_counter_ns()
-    generated = await _generate(state, text, ledger)
+    generated = await _generate(text, ledger)
+    manifest = ledger.served.manifest
     metadata = NativeMetadata(
-        last_model=json.dumps(
-            {"model_name": state.manifest.name, "model_sha": state.manifest.sha256}
-        ),
-        pipeline_version=state.manifest.version,
+        last_model=json.dumps({"model_name": manifest.name, "model_sha": manifest.sha256}),
+        pipeline_version=manifest.version,
         elapsed=[time.perf_counter_ns() - started],
         dropped=[],
         partition=socket.gethostname(),
@@ -101,19 +100,20 @@ def _texts(raw: bytes) -> list[str]:
     return [record.text for record in records.root]
 
 
-async def _generate(state: AppState, text: str, ledger: RequestLedger) -> str:
+async def _generate(text: str, ledger: RequestLedger) -> str:
+    served = ledger.served
     prepared = await prepare(
         "completions",
         CompletionRequest(prompt=text),
         request_id=uuid.uuid4().hex,
-        backend=state.backend,
-        defaults=model_defaults(state.manifest, "infer"),
+        backend=served.backend,
+        defaults=model_defaults(served.manifest, "infer"),
     )
     ledger.params = prepared.params.for_log()
     ledger.prompt_tokens += prepared.prompt_tokens
     pieces: list[str] = []
-    with state.scheduler.admit(1):
-        run = state.scheduler.run(prepared.sequences[0], stops=prepared.stops, clock=ledger.clock)
+    with served.scheduler.admit(1):
+        run = served.scheduler.run(prepared.sequences[0], stops=prepared.stops, clock=ledger.clock)
         async with contextlib.aclosing(run) as steps:
             async for step in steps:
                 pieces.append(step.text)

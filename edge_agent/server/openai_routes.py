@@ -20,7 +20,7 @@ from edge_agent.server.openai_responses import ResponseBuilder, response_builder
 from edge_agent.server.params import model_defaults
 from edge_agent.server.records import RequestLedger
 from edge_agent.server.sse import ClientStalled, SseWriter, keep_alive
-from edge_agent.server.state import AppState, state_of
+from edge_agent.server.state import AppState, ServedModel, state_of
 from edge_agent.server.wire import json_response
 
 log = structlog.get_logger(__name__)
@@ -38,9 +38,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.Response:
     state = state_of(request)
-    if not state.manifest.openai.enabled:
-        raise OpenAIDisabled()
     manifest = state.manifest
+    if not manifest.openai.enabled:
+        raise OpenAIDisabled()
     served = [manifest.name]
     if manifest.embedding.enabled and manifest.embedding.name is not None:
         served.append(manifest.embedding.name)  # a separate embedding model
@@ -55,31 +55,32 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         # Read inside the guard: a body that never arrives whole is recorded too.
         ledger.raw = await read_body(request)
         require_json(request)
-        if not state.manifest.openai.enabled:
+        served = ledger.served
+        if not served.manifest.openai.enabled:
             raise OpenAIDisabled()
         parsed = parse_request(endpoint, ledger.raw)
-        state.require_ready()
+        state.require_ready(served)
         prepared = await prepare(
             endpoint,
             parsed,
             request_id=ledger.request_id,
-            backend=state.backend,
-            defaults=model_defaults(state.manifest, endpoint),
+            backend=served.backend,
+            defaults=model_defaults(served.manifest, endpoint),
         )
         ledger.params = prepared.params.for_log()
         ledger.prompt_tokens = prepared.prompt_tokens
-        with state.scheduler.admit(len(prepared.sequences)):
-            builder = response_builder(prepared, state.manifest.name, state.backend)
+        with served.scheduler.admit(len(prepared.sequences)):
+            builder = response_builder(prepared, served.manifest.name, served.backend)
             ledger.partial_response = lambda: builder.response(ledger.clock).model_dump_json()
             if prepared.stream:
                 return await _stream(request, state, prepared, builder, ledger)
-            return await _respond(state, prepared, builder, ledger)
+            return await _respond(prepared, builder, ledger)
 
 
 async def _respond(
-    state: AppState, prepared: PreparedRequest, builder: ResponseBuilder, ledger: RequestLedger
+    prepared: PreparedRequest, builder: ResponseBuilder, ledger: RequestLedger
 ) -> web.Response:
-    async for index, step in _choices(state, prepared, ledger.clock):
+    async for index, step in _choices(ledger.served, prepared, ledger.clock):
         builder.add(index, step)
     response = json_response(builder.response(ledger.clock))
     ledger.response_json = response.text
@@ -122,7 +123,9 @@ async def _stream_steps(
     for opening in builder.opening_chunks():
         await writer.send(opening)
     remaining = len(prepared.sequences)
-    choices = keep_alive(_choices(state, prepared, clock), writer, state.settings.sse_ping_s)
+    choices = keep_alive(
+        _choices(ledger.served, prepared, clock), writer, state.settings.sse_ping_s
+    )
     # Closed on the way out, so a stalled or failed stream stops generating at once.
     async with contextlib.aclosing(choices) as steps:
         async for index, step in steps:
@@ -146,11 +149,11 @@ async def _stream_steps(
 
 
 async def _choices(
-    state: AppState, prepared: PreparedRequest, clock: GenerationClock
+    served: ServedModel, prepared: PreparedRequest, clock: GenerationClock
 ) -> AsyncGenerator[tuple[int, Step], None]:
     """All choices' steps as they come, tagged with the choice index."""
     runs = [
-        state.scheduler.run(sequence, stops=prepared.stops, clock=clock)
+        served.scheduler.run(sequence, stops=prepared.stops, clock=clock)
         for sequence in prepared.sequences
     ]
     if len(runs) == 1:

@@ -90,6 +90,18 @@ def model_defaults(manifest: ModelManifest, endpoint: str) -> SamplingFields:
     return parse_defaults(manifest.openai.completion_config, "openai.completion_config")
 
 
+def served_manifest(manifest: ModelManifest, openai_enabled: bool | None) -> ModelManifest:
+    """The manifest as this daemon serves it: the settings' OpenAI switch applied, and its
+    defaults checked (ValueError), so a default no request could carry fails the model's
+    start, not a request."""
+    if openai_enabled is not None:
+        openai = manifest.openai.model_copy(update={"enabled": openai_enabled})
+        manifest = manifest.model_copy(update={"openai": openai})
+    model_defaults(manifest, "completions")
+    model_defaults(manifest, "chat/completions")
+    return manifest
+
+
 def effective_params(request: SamplingFields, defaults: SamplingFields) -> EffectiveParams:
     """The request's parameters over the model's defaults over the engine's."""
     values: dict[str, Any] = {}

@@ -25,7 +25,7 @@ from edge_agent.observability import observe_request
 from edge_agent.protocol.logs import LogRecord, RecordEndpoint, RecordStatus
 from edge_agent.server.engine_errors import as_api_error
 from edge_agent.server.redaction import redact_request, redact_response
-from edge_agent.server.state import AppState
+from edge_agent.server.state import AppState, ServedModel
 from edge_agent.server.strict_json import StrictJsonError, loads_strict
 
 log = structlog.get_logger(__name__)
@@ -44,6 +44,8 @@ class RequestLedger:
 
     def __init__(self, state: AppState, endpoint: RecordEndpoint, raw: bytes) -> None:
         self.state = state
+        # The model this request runs on, to its end, whatever a swap does meanwhile.
+        self.served: ServedModel = state.active
         self.endpoint = endpoint
         self.raw = raw
         self.clock = GenerationClock()
@@ -81,7 +83,8 @@ class RequestLedger:
     async def guard(self) -> AsyncIterator[RequestLedger]:
         """Run a handler: every way out leaves one record, then the metrics and a log line."""
         try:
-            yield self
+            with self.served.hold():
+                yield self
         except (ApiError, EngineError) as error:
             raise await self.fail(error) from None
         except (asyncio.CancelledError, ConnectionResetError):
@@ -96,7 +99,7 @@ class RequestLedger:
     def record(self) -> dict[str, Any]:
         """The record of CONTRACT.md section 6, as stored and uploaded."""
         state, clock = self.state, self.clock
-        manifest = state.manifest
+        manifest = self.served.manifest
         request_body, response_json = request_body_for_log(self.raw), self.response_json
         if not state.settings.logs.store_text:
             request_body = redact_request(request_body)
@@ -106,7 +109,7 @@ class RequestLedger:
             "time": self.accepted_ms,
             "pipeline": state.settings.pipeline,
             "model": {"name": manifest.name, "version": manifest.version, "sha": manifest.sha256},
-            "backend": state.backend.info.name,
+            "backend": self.served.backend.info.name,
             "endpoint": self.endpoint,
             "in": request_body,
             "out": {"json": response_json},
@@ -132,7 +135,7 @@ class RequestLedger:
         clock = self.clock
         observe_request(
             endpoint=self.endpoint,
-            model=self.state.manifest.name,
+            model=self.served.manifest.name,
             status=self.status,
             ttft=clock.ttft,
             tps=clock.tps,

@@ -17,6 +17,10 @@ _LIVE = frozenset(
         "shutdown_grace_s",
         "sse_ping_s",
         "logs_access",
+        # Served by a model swap after the reload (server/model_swap.py).
+        "model",
+        "model_swap",
+        "model_swap_access",
     }
 )
 
@@ -42,7 +46,8 @@ def apply_reload(state: AppState, new: Settings) -> tuple[list[str], list[str]]:
     """Swap in ``new`` for what can change live; return (applied, needing a restart)."""
     plan = plan_reload(state.settings, new)
     state.settings = plan.settings
-    state.scheduler.reconfigure(
-        max_queue=state.settings.max_queue, request_timeout_s=state.settings.request_timeout_s
-    )
+    for served in state.all_served():
+        served.scheduler.reconfigure(
+            max_queue=state.settings.max_queue, request_timeout_s=state.settings.request_timeout_s
+        )
     return plan.applied, plan.needs_restart

@@ -40,12 +40,13 @@ async def tokenize(request: web.Request) -> web.Response:
         parsed, param = _parse(TokenizeChatRequest, raw), "messages"
     else:
         parsed, param = _parse(TokenizePromptRequest, raw), "prompt"
-    state.require_ready()
-    backend = state.backend
-    try:
-        tokens, strs = await asyncio.to_thread(_tokenize, parsed, backend)
-    except UnsupportedFeature as exc:
-        raise as_api_error(exc, prompt_param=param) from None
+    with state.serving() as served:
+        state.require_ready(served)
+        backend = served.backend
+        try:
+            tokens, strs = await asyncio.to_thread(_tokenize, parsed, backend)
+        except UnsupportedFeature as exc:
+            raise as_api_error(exc, prompt_param=param) from None
     return json_response(
         TokenizeResponse(
             count=len(tokens),
@@ -61,11 +62,12 @@ async def detokenize(request: web.Request) -> web.Response:
     raw = await read_body(request)
     require_json(request)
     parsed = _parse(DetokenizeRequest, raw)
-    state.require_ready()
-    try:
-        text = await asyncio.to_thread(state.backend.detokenize, parsed.tokens)
-    except UnsupportedFeature as exc:
-        raise as_api_error(exc, prompt_param="tokens") from None
+    with state.serving() as served:
+        state.require_ready(served)
+        try:
+            text = await asyncio.to_thread(served.backend.detokenize, parsed.tokens)
+        except UnsupportedFeature as exc:
+            raise as_api_error(exc, prompt_param="tokens") from None
     return json_response(DetokenizeResponse(prompt=text))
 
 
