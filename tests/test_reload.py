@@ -35,3 +35,9 @@ def test_other_settings_keep_their_running_value_and_are_named() -> None:
 def test_the_running_settings_are_not_changed_in_place() -> None:
     plan_reload(RUNNING, RUNNING.model_copy(update={"max_queue": 1}))
     assert RUNNING.max_queue == 64
+
+
+def test_a_new_model_is_applied_by_a_swap_not_a_restart() -> None:
+    plan = plan_reload(RUNNING, RUNNING.model_copy(update={"model": "another-model"}))
+    assert plan.applied == ["model"] and plan.needs_restart == []
+    assert plan.settings.model == "another-model"
