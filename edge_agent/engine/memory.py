@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
+from edge_agent.engine.gguf_header import read_header
 
 # Bytes per KV element by llama.cpp cache type; quantized types apply to K only (the
 # engine keeps V in f16 without flash attention).
@@ -34,18 +34,18 @@ class ModelShape:
 
 
 def read_shape(path: Path) -> ModelShape:
-    """The attention shape from a GGUF's header (reads the header, maps the rest)."""
-    reader = gguf.GGUFReader(path)
+    """The attention shape from a GGUF's header."""
+    header = read_header(path)
 
     def value(key: str, default: int | None = None) -> int:
-        field = reader.fields.get(key)
-        if field is None:
+        found = header.get(key)
+        if found is None:
             if default is None:
                 raise ValueError(f"{path.name}: no {key} in the GGUF header")
             return default
-        return int(field.contents())
+        return int(found)
 
-    arch = str(reader.fields["general.architecture"].contents())
+    arch = str(header.get("general.architecture", ""))
     heads = value(f"{arch}.attention.head_count")
     width = value(f"{arch}.embedding_length")
     head_size = width // heads

@@ -214,3 +214,14 @@ class Backend(Protocol):
         (``embedding_input``) for an input it cannot take (too long, a token id outside
         the vocabulary).
         """
+
+
+@runtime_checkable
+class LoadsInBackground(Protocol):
+    """A backend that can load beside a serving one without taking its cores."""
+
+    def load_in_background(self) -> None:
+        """Have ``start`` load at the lowest CPU priority."""
+
+    def to_foreground(self) -> str | None:
+        """Serve at the daemon's own priority from now on; why not, when refused."""

@@ -28,6 +28,7 @@ from edge_agent.engine.backend_choice import BackendFactory
 from edge_agent.engine.canary import CanaryResult, run_canary
 from edge_agent.engine.memory import available_bytes, model_bytes
 from edge_agent.engine.scheduler import Scheduler
+from edge_agent.engine.types import LoadsInBackground
 from edge_agent.manifest import ManifestError, ModelManifest, sha256_of
 from edge_agent.model_store import (
     ModelPin,
@@ -181,6 +182,11 @@ class ModelSwitcher:
             backend, max_queue=settings.max_queue, request_timeout_s=settings.request_timeout_s
         )
         served = ServedModel(manifest, backend, scheduler)
+        # Beside a serving model, the candidate takes only the cycles it leaves.
+        background: LoadsInBackground | None = None
+        if self._state.status == "Running" and isinstance(backend, LoadsInBackground):
+            background = backend
+            background.load_in_background()
         try:
             try:
                 await backend.start()
@@ -210,6 +216,9 @@ class ModelSwitcher:
         except BaseException:
             await backend.close()
             raise
+        if background is not None:
+            if refused := background.to_foreground():
+                log.warning("engine_priority_not_restored", model=manifest.name, reason=refused)
         return served, canary
 
     async def _side_by_side(self, manifest: ModelManifest) -> CanaryResult:

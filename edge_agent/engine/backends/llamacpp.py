@@ -98,6 +98,8 @@ class LlamaCppFront:
         self._embedding_vocab: Vocabulary | None = None
         # Embedding requests awaiting their vectors, by key (the process backend's).
         self._embeddings: dict[int, asyncio.Future[tuple[tuple[float, ...], ...]]] = {}
+        # Load (probes, engine) at the lowest CPU priority: beside a serving engine.
+        self.background = False
 
     restarts = 0
 
@@ -152,6 +154,7 @@ class LlamaCppFront:
             gguf_sha256=self._digest,
             threads=self._threads,
             cache=self._cache,
+            background=self.background,
         )
         self.verdict = verdict
         if verdict.config is None:

@@ -96,7 +96,9 @@ def signal_name(returncode: int) -> str:
     return f"exit {returncode}"
 
 
-def run_probe(gguf: Path, config: CpuConfig, *, threads: int, timeout_s: float) -> ProbeResult:
+def run_probe(
+    gguf: Path, config: CpuConfig, *, threads: int, timeout_s: float, background: bool = False
+) -> ProbeResult:
     """Load and decode under ``config`` in a child process; whatever happens, report it."""
     read_fd, write_fd = os.pipe()
     started = time.perf_counter()
@@ -113,6 +115,7 @@ def run_probe(gguf: Path, config: CpuConfig, *, threads: int, timeout_s: float) 
         config.name,
         "--threads",
         str(threads),
+        *(["--background"] if background else []),
     ]
     try:
         process = subprocess.Popen(
@@ -296,14 +299,18 @@ def select_config(
     threads: int,
     cache: VerdictCache,
     prober: Prober | None = None,
+    background: bool = False,
 ) -> Verdict:
-    """The cached verdict for this box, or the probes' (then cached)."""
+    """The cached verdict for this box, or the probes' (then cached); ``background``
+    probes at the lowest CPU priority (a model loading beside a serving one)."""
     key = fingerprint(gguf_sha256, ladder, threads)
     cached = cache.get(key)
     if cached is not None:
         return cached
     timeout = probe_timeout(gguf)
-    run = prober or (lambda c: run_probe(gguf, c, threads=threads, timeout_s=timeout))
+    run = prober or (
+        lambda c: run_probe(gguf, c, threads=threads, timeout_s=timeout, background=background)
+    )
     verdict = choose_config(ladder, run)
     if verdict.config is not None:
         cache.put(key, verdict)

@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from edge_agent.engine.backends.cpu_priority import raise_to_daemon_priority
 from edge_agent.engine.backends.llamacpp import LlamaCppFront
 from edge_agent.engine.backends.llamacpp_config import CONFIGS, CpuConfig
 from edge_agent.engine.backends.llamacpp_probe import engine_faulted, rule_out, signal_name
@@ -68,11 +69,15 @@ class RestartPolicy:
 class EngineProcess:
     """One engine child: its process, its socket, and a thread reading what it says."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, start: Start) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, start: Start, *, background: bool = False
+    ) -> None:
         self._loop = loop
         parent_end, child_end = socket.socketpair()
         command = [sys.executable, "-m", "edge_agent.engine.backends.llamacpp_worker"]
         command += ["serve", "--fd", str(child_end.fileno())]
+        if background:
+            command.append("--background")
         try:
             self.process = subprocess.Popen(
                 command,
@@ -177,6 +182,15 @@ class LlamaCppProcessBackend(LlamaCppFront):
     def unavailable(self) -> str | None:
         return self._unavailable
 
+    def load_in_background(self) -> None:
+        """Probe and start the engine at the lowest CPU priority (cpu_priority.py)."""
+        self.background = True
+
+    def to_foreground(self) -> str | None:
+        """The engine (and any restart of it) at the daemon's priority; why not, if refused."""
+        self.background = False
+        return raise_to_daemon_priority(self._engine.pid) if self._engine else None
+
     @property
     def engine_pid(self) -> int | None:
         return self._engine.pid if self._engine else None
@@ -197,7 +211,7 @@ class LlamaCppProcessBackend(LlamaCppFront):
             loop = asyncio.get_running_loop()
             start = Start(self._engine_options(self._config), self._log_format)
             began = time.perf_counter()
-            engine = EngineProcess(loop, start)
+            engine = EngineProcess(loop, start, background=self.background)
             engine.on_step = self._on_step
             engine.on_embedded = self._on_embedded
             await asyncio.wait((engine.ready, engine.exited), return_when=asyncio.FIRST_COMPLETED)

@@ -29,6 +29,7 @@ from typing import Any
 import llama_cpp
 import structlog
 
+from edge_agent.engine.backends.cpu_priority import lower_own_priority
 from edge_agent.engine.backends.llamacpp_batch import SequenceState, StepOutput
 from edge_agent.engine.backends.llamacpp_config import CONFIGS
 from edge_agent.engine.backends.llamacpp_engine import EngineOptions, LlamaCppEngine
@@ -241,12 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     serve = sub.add_parser("serve")
     serve.add_argument("--fd", type=int, required=True)
+    serve.add_argument("--background", action="store_true", help="start at nice 19")
     check = sub.add_parser("probe")
+    check.add_argument("--background", action="store_true", help="run at nice 19")
     check.add_argument("--fd", type=int, required=True)
     check.add_argument("--gguf", type=Path, required=True)
     check.add_argument("--config", choices=sorted(CONFIGS), required=True)
     check.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    if args.background:
+        lower_own_priority()
     # The daemon stops the engine with Stop or by closing the socket; a Ctrl-C at a
     # terminal reaches the whole process group and must not kill the engine first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
