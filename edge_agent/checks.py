@@ -15,7 +15,8 @@ from typing import Any
 
 from edge_agent.config import ConfigError, Settings, load_settings
 from edge_agent.engine.backend_choice import BackendChoiceError, choose_backend
-from edge_agent.manifest import ManifestError, ModelManifest, load_manifest, sha256_of
+from edge_agent.manifest import ManifestError, ModelManifest, sha256_of
+from edge_agent.model_store import serving_manifest
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def _checks_after_config(settings: Settings, *, check_port: bool) -> list[CheckR
 
 def _manifest(settings: Settings, results: list[CheckResult]) -> ModelManifest | None:
     try:
-        manifest = load_manifest(settings.model)
+        manifest = serving_manifest(settings)
     except ManifestError as exc:
         results.append(CheckResult("model manifest", False, str(exc)))
         return None

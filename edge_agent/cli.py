@@ -18,9 +18,15 @@ from edge_agent.checks import check_engine, format_results, run_checks
 from edge_agent.config import ConfigError, Settings, load_settings
 from edge_agent.engine.backend_choice import BackendChoiceError, backend_for
 from edge_agent.logbook.cli import add_logbook_commands
-from edge_agent.manifest import ManifestError, ModelManifest, load_manifest
+from edge_agent.manifest import ManifestError, ModelManifest
 from edge_agent.model_cli import add_model_commands
-from edge_agent.model_store import desired_model, find_model, read_pin, remove_pid, write_pid
+from edge_agent.model_store import (
+    desired_model,
+    read_pin,
+    remove_pid,
+    serving_manifest,
+    write_pid,
+)
 from edge_agent.observability import configure_logging
 from edge_agent.openapi import spec_yaml
 from edge_agent.server.app import create_app, wait_until_loaded
@@ -127,19 +133,6 @@ def _load(args: argparse.Namespace) -> tuple[Settings, ModelManifest]:
     return settings, serving_manifest(settings)
 
 
-def serving_manifest(settings: Settings) -> ModelManifest:
-    """The model to serve: the configured one, or the one a swap chose since (the pin)."""
-    wanted = desired_model(settings.model, read_pin(settings.state_dir))
-    if wanted != settings.model:
-        try:
-            return find_model(wanted, settings.state_dir)
-        except ManifestError as exc:
-            log.warning(
-                "swapped_model_missing", model=wanted, error=str(exc), serving=settings.model
-            )
-    return find_model(settings.model, settings.state_dir)
-
-
 def _probe_engine(args: argparse.Namespace) -> int:
     try:
         settings, manifest = _load(args)
@@ -170,7 +163,7 @@ def _check(args: argparse.Namespace) -> int:
 def _api_spec(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, model=args.model)
-        manifest = load_manifest(settings.model)
+        manifest = serving_manifest(settings)
     except (ConfigError, ManifestError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2

@@ -22,9 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 import tomli_w
 
+from edge_agent.config import Settings
 from edge_agent.manifest import ManifestError, ModelManifest, find_manifest, load_manifest
+
+log = structlog.get_logger(__name__)
 
 MODELS_SUBDIR = "models"
 PIN_FILE = "active-model.json"
@@ -185,6 +189,17 @@ def desired_model(config_model: str, pin: ModelPin | None) -> str:
     if pin is not None and pin.config_model == config_model:
         return pin.model
     return config_model
+
+
+def serving_manifest(settings: Settings) -> ModelManifest:
+    """The model to serve: the configured one, or the one a swap chose since (the pin)."""
+    wanted = desired_model(settings.model, read_pin(settings.state_dir))
+    if wanted != settings.model:
+        try:
+            return find_model(wanted, settings.state_dir)
+        except ManifestError as exc:
+            log.warning("swapped_model_missing", model=wanted, error=str(exc))
+    return find_model(settings.model, settings.state_dir)
 
 
 @dataclass(frozen=True, slots=True)

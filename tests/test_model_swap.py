@@ -272,3 +272,29 @@ async def test_drained_swap_refuses_new_requests_only_in_its_window(
         "/infer/openai/v1/completions", json=_completion("Hi", max_tokens=2), headers=AUTH
     )
     assert after.status == 200 and (await after.json())["model"] == SECOND_NAME
+
+
+async def test_a_failed_drained_swap_loads_the_old_model_again(
+    make_client: Callable[..., Any], second_manifest: Path, manifest: ModelManifest, tmp_path: Path
+) -> None:
+    client = await make_client(auth_token=TOKEN, model_swap="drained")
+    gguf = second_manifest.with_suffix(".gguf")
+    canary = write_manifest(tmp_path, "bad-canary", gguf, sha256_of(gguf), canary_sha256="1" * 64)
+    body = await _refused(client, str(canary))
+    assert "canary" in body["error"]["message"]
+    assert (await client.get("/readyz")).status == 200
+    answer = await client.post(
+        "/infer/openai/v1/completions", json=_completion("Hi", max_tokens=3), headers=AUTH
+    )
+    assert answer.status == 200 and (await answer.json())["model"] == manifest.name
+
+
+async def test_a_drained_swap_checks_the_weights_before_its_window(
+    make_client: Callable[..., Any], second_manifest: Path, manifest: ModelManifest, tmp_path: Path
+) -> None:
+    client = await make_client(auth_token=TOKEN, model_swap="drained")
+    engine_pid = (await _models(client))[0]["engine"]["pid"]
+    wrong = write_manifest(tmp_path, "wrong-sha", second_manifest.with_suffix(".gguf"), "0" * 64)
+    assert "sha256" in (await _refused(client, str(wrong)))["error"]["message"]
+    # Refused before the old model was stopped: the same engine still serves.
+    assert (await _models(client))[0]["engine"]["pid"] == engine_pid
