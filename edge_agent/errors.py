@@ -112,38 +112,43 @@ class RateLimited(ApiError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
-class ModelNotReady(ApiError):
+class TryAgain(ApiError):
+    """A 503 a client may send again after ``Retry-After``; each kind has its own code."""
+
     status = 503
     error_type = "server_error"
+    error_code: ClassVar[str]
+    default_retry_after_s: ClassVar[int]
 
-    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(
-            message, code="model_not_ready", headers={"Retry-After": str(retry_after_s)}
-        )
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        wait = self.default_retry_after_s if retry_after_s is None else retry_after_s
+        super().__init__(message, code=self.error_code, headers={"Retry-After": str(wait)})
 
 
-class EngineRestarting(ApiError):
+class ModelNotReady(TryAgain):
+    error_code = "model_not_ready"
+    default_retry_after_s = 5
+
+
+class EngineRestarting(TryAgain):
     """New requests while the engine process restarts after a crash."""
 
-    status = 503
-    error_type = "server_error"
-
-    def __init__(self, message: str, *, retry_after_s: int = 2) -> None:
-        super().__init__(
-            message, code="engine_restarting", headers={"Retry-After": str(retry_after_s)}
-        )
+    error_code = "engine_restarting"
+    default_retry_after_s = 2
 
 
-class EngineRestarted(ApiError):
+class EngineRestarted(TryAgain):
     """A request the engine process died under: it ended, and may be sent again."""
 
-    status = 503
-    error_type = "server_error"
+    error_code = "engine_restarted"
+    default_retry_after_s = 2
 
-    def __init__(self, message: str, *, retry_after_s: int = 2) -> None:
-        super().__init__(
-            message, code="engine_restarted", headers={"Retry-After": str(retry_after_s)}
-        )
+
+class ModelSwapping(TryAgain):
+    """New requests in the short window of a drained model swap (no memory for two)."""
+
+    error_code = "model_swapping"
+    default_retry_after_s = 10
 
 
 class Draining(ApiError):
@@ -153,18 +158,6 @@ class Draining(ApiError):
     def __init__(self) -> None:
         super().__init__(
             "the daemon is shutting down", code="shutting_down", headers={"Retry-After": "5"}
-        )
-
-
-class ModelSwapping(ApiError):
-    """New requests in the short window of a drained model swap (no memory for two)."""
-
-    status = 503
-    error_type = "server_error"
-
-    def __init__(self, message: str, *, retry_after_s: int = 10) -> None:
-        super().__init__(
-            message, code="model_swapping", headers={"Retry-After": str(retry_after_s)}
         )
 
 

@@ -56,7 +56,7 @@ def add_model_commands(
     add.add_argument("--context-length", type=int, help="tokens per sequence (GGUF only)")
     add.add_argument("--use", action="store_true", help="then swap to it, as `models use`")
     add.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for a swap")
-    add.set_defaults(func=_install)
+    add.set_defaults(func=_with_settings(_install))
 
     use = commands.add_parser(
         "use", help="swap the running daemon to a model, without dropping a request"
@@ -64,27 +64,39 @@ def add_model_commands(
     settings_args(use)
     use.add_argument("name", help="an installed model's name, or a manifest name or path")
     use.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the swap")
-    use.set_defaults(func=_use)
+    use.set_defaults(func=_with_settings(_use))
 
     back = commands.add_parser(
         "rollback", help="swap back to the model served before the last swap"
     )
     settings_args(back)
     back.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the swap")
-    back.set_defaults(func=_rollback)
+    back.set_defaults(func=_with_settings(_rollback))
 
     listing = commands.add_parser("list", help="the installed models, and which one serves")
     settings_args(listing)
-    listing.set_defaults(func=_list)
+    listing.set_defaults(func=_with_settings(_list))
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config, state_dir=args.state_dir, model=args.model)
+Action = Callable[[argparse.Namespace, Settings], int]
 
 
-def _install(args: argparse.Namespace) -> int:
+def _with_settings(action: Action) -> Callable[[argparse.Namespace], int]:
+    """The action, given the settings its flags and config file make (exit 2 if they fail)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            settings = load_settings(args.config, state_dir=args.state_dir, model=args.model)
+        except ConfigError as exc:
+            print(f"FAIL {exc}", file=sys.stderr)
+            return 2
+        return action(args, settings)
+
+    return run
+
+
+def _install(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        settings = _settings(args)
         installed = install(
             args.source,
             settings.state_dir,
@@ -92,7 +104,7 @@ def _install(args: argparse.Namespace) -> int:
             sha256=args.sha256,
             context_length=args.context_length,
         )
-    except (ConfigError, InstallError, ManifestError, OSError) as exc:
+    except (InstallError, ManifestError, OSError) as exc:
         print(f"FAIL install: {exc}", file=sys.stderr)
         return 1
     print(
@@ -104,21 +116,11 @@ def _install(args: argparse.Namespace) -> int:
     return _swap(settings, installed.name, args.timeout)
 
 
-def _use(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        print(f"FAIL {exc}", file=sys.stderr)
-        return 2
+def _use(args: argparse.Namespace, settings: Settings) -> int:
     return _swap(settings, args.name, args.timeout)
 
 
-def _rollback(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        print(f"FAIL {exc}", file=sys.stderr)
-        return 2
+def _rollback(args: argparse.Namespace, settings: Settings) -> int:
     pin = read_pin(settings.state_dir)
     if pin is None or pin.previous is None:
         print("FAIL rollback: no swap recorded on this box, nothing to go back to", file=sys.stderr)
@@ -164,12 +166,7 @@ def _swap(settings: Settings, name: str, timeout: float) -> int:
     return 1
 
 
-def _list(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        print(f"FAIL {exc}", file=sys.stderr)
-        return 2
+def _list(args: argparse.Namespace, settings: Settings) -> int:
     pin = read_pin(settings.state_dir)
     serving = desired_model(settings.model, pin)
     try:
