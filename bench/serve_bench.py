@@ -49,6 +49,7 @@ OUT = REPO / "bench" / "out"
 CONCURRENCY = (1, 2, 4, 8)
 IN_PROCESS = "edge-agent in-process engine"
 LLAMA_SERVER = "llama-server"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 QUESTIONS = [
     "Tell me a story about a robot.",
     "What is the capital of France?",
@@ -94,6 +95,13 @@ def gguf_path(manifest: str = "smollm2-135m-instruct") -> Path:
     from edge_agent.manifest import load_manifest
 
     return load_manifest(manifest).gguf_path()
+
+
+def context_per_slot(manifest: str) -> int:
+    """Tokens per sequence edge-agent gives each slot: the manifest's context length."""
+    from edge_agent.manifest import load_manifest
+
+    return load_manifest(manifest).context_length
 
 
 def cached_llama_server() -> Path | None:
@@ -649,7 +657,7 @@ async def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="sweeps per server, pooled")
     parser.add_argument(
         "--model",
-        default="smollm2-135m-instruct",
+        default=DEFAULT_MODEL,
         help="a manifest name or path (bench/make_bench_model.py writes one per model)",
     )
     parser.add_argument(
@@ -688,16 +696,41 @@ async def main() -> int:
 
     edge = edge_agent("edge-agent", 18301, {})
     inproc = edge_agent(IN_PROCESS, 18303, {"EDGE_AGENT_ENGINE__ISOLATED": "false"})
+    llama_server = None
+    if args.llama_server is None:
+        print("llama-server: not built, left out (bench/build_llama_server.sh builds it)")
+    else:
+        # The same slots, context per slot, threads and model as edge-agent's.
+        llama_server = Server(
+            LLAMA_SERVER,
+            [str(args.llama_server), "--model", str(model), "--threads", str(threads),
+             "--parallel", "8", "--ctx-size", str(8 * context_per_slot(args.model)),
+             "--port", "18304",
+             "--host", "127.0.0.1", "--no-webui"],
+            18304,
+            "/v1",
+            {},
+        )  # fmt: skip
     try:
         await edge.wait_ready("/readyz")
         await inproc.wait_ready("/readyz")
+        if llama_server is not None:
+            try:
+                await llama_server.wait_ready("/health")
+            except (RuntimeError, TimeoutError) as exc:
+                # One server that will not start does not void the others' figures.
+                print(f"llama-server left out: {exc}")
+                llama_server.stop()
+                llama_server = None
         direct = DirectModel(model, threads)
         print(
             "edge-agent (logging on, 8 slots), one stream alternating with direct "
-            "llama-cpp-python; sweeps alternating with the in-process engine:"
+            "llama-cpp-python; sweeps alternating with the in-process engine"
+            + (" and llama-server:" if llama_server else ":")
         )
         edge_parts: list[list[Round]] = []
         inproc_parts: list[list[Round]] = []
+        server_parts: list[list[Round]] = []
         direct_samples: list[Sample] = []
         for _ in range(args.repeats):
             rounds, beside = await sweep(
@@ -708,7 +741,13 @@ async def main() -> int:
             inproc_parts.append(
                 (await sweep(inproc, args.max_tokens, per_client, min_requests, 1))[0]
             )
+            if llama_server is not None:
+                server_parts.append(
+                    (await sweep(llama_server, args.max_tokens, per_client, min_requests, 1))[0]
+                )
         results.rounds += pool("edge-agent", edge_parts) + pool(IN_PROCESS, inproc_parts)
+        if server_parts:
+            results.rounds += pool(LLAMA_SERVER, server_parts)
         results.direct = summarize(direct_samples)
         results.prefix = await prefix_reuse(edge, 8)
         print("engine restart after kill -9:")
@@ -716,6 +755,8 @@ async def main() -> int:
     finally:
         edge.stop()
         inproc.stop()
+        if llama_server is not None:
+            llama_server.stop()
     results.boundary = boundary_cost()
 
     other = Server(
@@ -737,28 +778,6 @@ async def main() -> int:
         )[0]
     finally:
         other.stop()
-
-    if args.llama_server is None:
-        print("llama-server: not built, left out (bench/build_llama_server.sh builds it)")
-    else:
-        # The same slots, context per slot, threads and model as edge-agent's.
-        llama_server = Server(
-            LLAMA_SERVER,
-            [str(args.llama_server), "--model", str(model), "--threads", str(threads),
-             "--parallel", "8", "--ctx-size", str(8 * 4096), "--port", "18304",
-             "--host", "127.0.0.1", "--no-webui"],
-            18304,
-            "/v1",
-            {},
-        )  # fmt: skip
-        try:
-            await llama_server.wait_ready("/health")
-            print(f"{LLAMA_SERVER}:")
-            results.rounds += (
-                await sweep(llama_server, args.max_tokens, per_client, min_requests, args.repeats)
-            )[0]
-        finally:
-            llama_server.stop()
 
     print("raw llama_decode, 1 and 8 sequences:")
     results.raw = await direct.run(raw_decode, model, threads)
@@ -790,11 +809,13 @@ async def main() -> int:
     print()
     for name, figures, outcome in targets(results):
         print(f"- [{outcome}] {name}: {figures}")
-    (OUT / "serve_bench.json").write_text(
+    # One file pair per model, so the default model's figures and a 1B run's sit together.
+    stem = "serve_bench" if args.model == DEFAULT_MODEL else f"serve_bench-{Path(args.model).stem}"
+    (OUT / f"{stem}.json").write_text(
         json.dumps({**asdict(results), "targets": targets(results)}, indent=2)
     )
-    plot(results, OUT / "serve_bench.png")
-    print(f"\nwrote {OUT / 'serve_bench.json'} and {OUT / 'serve_bench.png'}")
+    plot(results, OUT / f"{stem}.png")
+    print(f"\nwrote {OUT / f'{stem}.json'} and {OUT / f'{stem}.png'}")
     return 0
 
 
