@@ -160,7 +160,7 @@ class UploadState(BaseModel):
     parked_records: int = 0
 
 
-BoxState = Literal["ready", "loading", "error", "restarting", "draining"]
+BoxState = Literal["ready", "loading", "error", "restarting", "swapping", "draining"]
 
 
 class BoxStatus(BaseModel):

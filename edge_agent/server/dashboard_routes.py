@@ -183,6 +183,8 @@ def _state_name(state: AppState) -> BoxState:
         return "loading"
     if state.status == "Error":
         return "error"
+    if state.swap_pause is not None:
+        return "swapping"
     return "restarting" if state.backend.unavailable is not None else "ready"
 
 

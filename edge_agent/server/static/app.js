@@ -216,6 +216,7 @@ function renderStatus(s) {
     const what = {
       loading: "The model is loading: requests get 503 until it is ready.",
       restarting: "The engine is restarting: requests get 503 for a moment.",
+      swapping: "The model is being replaced: requests get 503 until the new one serves.",
       error: "The model failed: this box serves no inference.",
       draining: "The daemon is shutting down: no new requests are taken.",
     }[s.state] || "Not ready.";
