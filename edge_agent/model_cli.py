@@ -145,7 +145,15 @@ def _swap(settings: Settings, name: str, timeout: float) -> int:
     if pid is None:
         print(f"edge-agent is not running here: {manifest.name} serves from its next start")
         return 0
-    os.kill(pid, signal.SIGHUP)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        _restore_pin(state_dir, pin)
+        print(
+            f"FAIL not allowed to signal edge-agent (pid {pid}): run as root or as its user",
+            file=sys.stderr,
+        )
+        return 1
     print(f"asked edge-agent (pid {pid}) to swap to {manifest.name}; waiting")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -154,16 +162,19 @@ def _swap(settings: Settings, name: str, timeout: float) -> int:
             if outcome.ok:
                 print(f"ok   {outcome.detail}")
                 return 0
-            # The model serving is still the one chosen before.
-            if pin is not None:
-                write_pin(state_dir, pin)
-            else:
-                clear_pin(state_dir)
+            _restore_pin(state_dir, pin)  # the model serving is still the one chosen before
             print(f"FAIL swap to {manifest.name}: {outcome.detail}", file=sys.stderr)
             return 1
         time.sleep(0.2)
     print(f"FAIL no answer from edge-agent within {timeout:g}s; see its log", file=sys.stderr)
     return 1
+
+
+def _restore_pin(state_dir: Path, pin: ModelPin | None) -> None:
+    if pin is not None:
+        write_pin(state_dir, pin)
+    else:
+        clear_pin(state_dir)
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:

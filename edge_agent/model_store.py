@@ -244,7 +244,12 @@ def running_daemon(state_dir: Path) -> int | None:
     """The pid of the daemon serving from this state directory, if one is alive."""
     try:
         pid = int((state_dir / PID_FILE).read_text().strip())
-        os.kill(pid, 0)
     except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return pid  # alive, and another user's: the caller's signal will say so
+    except OSError:
         return None
     return pid
