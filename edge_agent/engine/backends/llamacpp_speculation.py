@@ -30,12 +30,15 @@ from typing import Literal
 SpeculationMode = Literal["off", "ngram"]
 
 # A new sequence's assumed acceptance, and how many drafted tokens' worth of weight that
-# guess has against what is seen: optimistic enough to try a short draft at once.
+# guess has against what is seen: optimistic enough to try a short draft at once, weak
+# enough that one refused draft can stop the next.
 PRIOR_ACCEPTANCE = 0.9
-PRIOR_WEIGHT = 2.0
+PRIOR_WEIGHT = 1.0
 # Each verification's evidence fades by this factor, so acceptance follows the text's
-# current stretch (copying, then writing freely, then copying again).
-DECAY = 0.7
+# current stretch (copying, then writing freely, then copying again). Ten refused drafts
+# in a row weigh about as much as the most evidence can (1 / (1 - DECAY)), so the
+# estimate can fall far below any break-even.
+DECAY = 0.9
 # Steps a sequence waits after its drafts stopped paying, doubled by each failed retry.
 FIRST_PAUSE = 16
 MAX_PAUSE = 512
@@ -114,6 +117,7 @@ class DraftPolicy:
         self._next_pause = FIRST_PAUSE
         self.drafted = 0
         self.accepted = 0
+        self.pauses = 0
 
     @property
     def max_draft(self) -> int:
@@ -148,6 +152,7 @@ class DraftPolicy:
             if rate > best_rate:
                 best, best_rate = k, rate
         if best == 0:
+            self.pauses += 1
             self._pause = self._next_pause
             self._next_pause = min(2 * self._next_pause, MAX_PAUSE)
         return best
