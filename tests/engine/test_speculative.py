@@ -173,6 +173,13 @@ def test_costs_interpolate_between_timed_sizes_and_never_fall() -> None:
     assert linear_costs(0.5, 2) == (0.0, 1.0, 1.5, 2.0)
 
 
+def test_costs_are_bounded_by_separate_decodes() -> None:
+    """A box busy with other work can time a batch as slower than its tokens one by one."""
+    costs = costs_from_timings({1: 0.010, 2: 0.050, 9: 0.300}, max_draft=8)
+    assert costs[2] == 2.0 and costs[9] == 9.0
+    assert DraftPolicy(costs).length(8) == 0
+
+
 def test_a_sequence_whose_drafts_are_accepted_drafts_further() -> None:
     policy = DraftPolicy(linear_costs(0.6, 8))
     first = policy.length(8)

@@ -390,6 +390,17 @@ class DecodeLoop:
         # slot.cached lists exactly the cells written, so it stays valid for prefix reuse.
         self._slots[sequence.slot].busy = False
         sequence.sampler.free()
+        policy = sequence.policy
+        if policy is not None and policy.drafted:
+            # Per request, so a box's log says where speculation pays and where it paused.
+            log.info(
+                "speculation",
+                request_id=sequence.request.request_id,
+                generated=sequence.generated,
+                drafted=policy.drafted,
+                accepted=policy.accepted,
+                pauses=policy.pauses,
+            )
 
 
 def choose_slot(

@@ -216,7 +216,7 @@ class LlamaCppEngine:
         if speculation.verify_cost is not None:
             return linear_costs(speculation.verify_cost, speculation.max_draft)
         sizes = sorted({1, 2, max(2, speculation.max_draft // 2 + 1), speculation.max_draft + 1})
-        seconds = {size: self._time_decode(size) for size in sizes}
+        seconds = self._time_decodes(sizes)
         costs = costs_from_timings(seconds, speculation.max_draft)
         log.info(
             "speculation_costs",
@@ -225,25 +225,30 @@ class LlamaCppEngine:
         )
         return costs
 
-    def _time_decode(self, size: int, repeats: int = 3) -> float:
-        """The fastest of a few decodes of ``size`` tokens of one sequence, in seconds."""
+    def _time_decodes(self, sizes: Sequence[int], rounds: int = 6) -> dict[int, float]:
+        """The fastest of a few decodes of each size of tokens of one sequence, in seconds.
+
+        The sizes take turns, round by round, so that other work on a shared box slows
+        them alike; the fastest of each is the one least disturbed.
+        """
         assert self._ctx is not None and self.vocab is not None
         memory = llama_cpp.llama_get_memory(self._ctx)
-        batch = llama_cpp.llama_batch_init(size, 0, 1)
-        best = math.inf
+        batch = llama_cpp.llama_batch_init(max(sizes), 0, 1)
+        best = dict.fromkeys(sizes, math.inf)
         try:
-            for attempt in range(repeats + 1):
-                for i in range(size):
-                    _put(batch, i, (i * 7919 + 100) % self.vocab.n_vocab, i, 0, True)
-                batch.n_tokens = size
-                started = time.perf_counter()
-                status = llama_cpp.llama_decode(self._ctx, batch)
-                elapsed = time.perf_counter() - started
-                llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)
-                if status != 0:
-                    raise BackendError(f"llama_decode returned {status} while timing")
-                if attempt > 0:  # the first warms the caches
-                    best = min(best, elapsed)
+            for round_ in range(rounds + 1):
+                for size in sizes:
+                    for i in range(size):
+                        _put(batch, i, (i * 7919 + 100) % self.vocab.n_vocab, i, 0, True)
+                    batch.n_tokens = size
+                    started = time.perf_counter()
+                    status = llama_cpp.llama_decode(self._ctx, batch)
+                    elapsed = time.perf_counter() - started
+                    llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)
+                    if status != 0:
+                        raise BackendError(f"llama_decode returned {status} while timing")
+                    if round_ > 0:  # the first warms the caches
+                        best[size] = min(best[size], elapsed)
         finally:
             llama_cpp.llama_batch_free(batch)
         return best

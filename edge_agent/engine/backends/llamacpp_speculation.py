@@ -70,7 +70,8 @@ def costs_from_timings(seconds: Mapping[int, float], max_draft: int) -> tuple[fl
     """``costs[n]`` for n = 1 .. max_draft + 1 from timed decodes of a few batch sizes.
 
     Sizes between two timed ones are interpolated, sizes past the last extrapolated
-    from the last two; the costs never fall as n grows (timing noise could say so).
+    from the last two. Timing noise is bounded by what is known: a batch of n tokens
+    costs no less than n - 1 tokens' batch, and no more than n one-token decodes.
     """
     sizes = sorted(seconds)
     if not sizes or sizes[0] != 1:
@@ -87,7 +88,7 @@ def costs_from_timings(seconds: Mapping[int, float], max_draft: int) -> tuple[fl
         else:
             slope = (seconds[above] - seconds[below]) / (above - below)
             value = seconds[below] + slope * (n - below)
-        costs.append(max(costs[-1], value / one))
+        costs.append(min(float(n), max(costs[-1], value / one)))
     return tuple(costs)
 
 
