@@ -127,11 +127,11 @@ class SpeculativeSettings(_Section):
     drafts only while its acceptance pays for the verifying (docs/engine.md).
     """
 
-    mode: Literal["off", "ngram"] = "off"
+    mode: Literal["off", "ngram"] = "ngram"
     # Tokens drafted after the sampled one, at most.
     max_draft: int = Field(default=8, ge=1, le=64)
     # The shortest and longest match of a sequence's last tokens a draft is taken from.
-    min_ngram: int = Field(default=2, ge=1, le=16)
+    min_ngram: int = Field(default=3, ge=1, le=16)
     max_ngram: int = Field(default=4, ge=1, le=16)
     # Cost of verifying one more token, as a fraction of a one-token decode; None
     # measures it when the engine loads.

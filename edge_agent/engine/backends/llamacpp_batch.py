@@ -131,10 +131,11 @@ class DecodeLoop:
         prefix_cache: bool,
         sink: StepSink,
         speculation: SpeculationOptions | None = None,
-        verify_costs: Sequence[float] = (),
+        verify_costs: Sequence[float] | Callable[[], Sequence[float]] = (),
     ) -> None:
         """``verify_costs[n]``: decoding n tokens of one sequence, in one-token decodes,
-        for n up to the speculation's ``max_draft + 1`` (see ``llamacpp_speculation``)."""
+        for n up to the speculation's ``max_draft + 1`` (see ``llamacpp_speculation``);
+        or what measures them, called on the decode thread before its first step."""
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._vocab = vocab
@@ -152,9 +153,8 @@ class DecodeLoop:
         self._thread = threading.Thread(target=self._run, name="llamacpp-decode", daemon=True)
         self._stopping = False
         self._speculation = speculation if speculation and speculation.enabled else None
-        self._verify_costs = tuple(verify_costs)
-        if self._speculation and len(self._verify_costs) < self._speculation.max_draft + 2:
-            raise ValueError("verify_costs must cover max_draft + 1 tokens")
+        self._measure_costs = verify_costs if callable(verify_costs) else None
+        self._verify_costs = () if callable(verify_costs) else tuple(verify_costs)
         self.steps = 0
         self.drafted = 0  # drafted tokens verified, over all sequences
         self.accepted = 0  # of which the model chose
@@ -178,6 +178,7 @@ class DecodeLoop:
     # --- the decode thread -------------------------------------------------------------
 
     def _run(self) -> None:
+        self._prepare_speculation()
         while not self._stopping:
             self._take_inbox(block=not self._active and not self._waiting)
             self._drop_cancelled()
@@ -194,6 +195,22 @@ class DecodeLoop:
                     failed.append((sequence, BackendError(f"llama.cpp decode failed: {exc}")))
                 self._active.clear()
                 self._sink(failed)
+
+    def _prepare_speculation(self) -> None:
+        # Timed here, not by the thread that loaded the model: llama.cpp's OpenMP threads
+        # serve each calling thread apart, and a one-token decode from this thread has
+        # been seen to take about twice as long as from the loading one, which makes
+        # verifying relatively cheaper than a timing elsewhere says.
+        if self._speculation is None:
+            return
+        if self._measure_costs is not None:
+            try:
+                self._verify_costs = tuple(self._measure_costs())
+            except Exception as exc:
+                log.error("speculation_off", reason=f"timing the verify costs failed: {exc}")
+        if len(self._verify_costs) < self._speculation.max_draft + 2:
+            log.error("speculation_off", reason="no verify cost for every draft length")
+            self._speculation = None
 
     def _take_inbox(self, *, block: bool) -> None:
         try:

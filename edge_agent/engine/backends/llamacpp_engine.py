@@ -266,7 +266,7 @@ class LlamaCppEngine:
             prefix_cache=options.prefix_cache,
             sink=sink,
             speculation=speculation,
-            verify_costs=self.verify_costs() if speculation.enabled else (),
+            verify_costs=self.verify_costs if speculation.enabled else (),
         )
         self.loop.start()
         return self.loop

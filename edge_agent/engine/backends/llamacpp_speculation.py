@@ -50,7 +50,7 @@ class SpeculationOptions:
 
     mode: SpeculationMode = "off"
     max_draft: int = 8  # tokens drafted after the sampled one, at most
-    min_ngram: int = 2  # the shortest match of the last tokens a draft is taken from
+    min_ngram: int = 3  # the shortest match of the last tokens a draft is taken from
     max_ngram: int = 4
     # Cost of verifying one more token, as a fraction of a one-token decode; None
     # measures it when the engine loads.
