@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
+from edge_agent.config import Settings
 from edge_agent.engine.backends.llamacpp_batch import SequenceState, StepOutput
 from edge_agent.engine.backends.llamacpp_config import CONFIGS
 from edge_agent.engine.backends.llamacpp_engine import EngineOptions, LlamaCppEngine
@@ -42,8 +44,9 @@ COPY = "Repeat this text exactly, word for word:\n\n" + PARAGRAPH
 CHAT = "Tell me a story about a robot who learns to paint."
 CHATS = ["What is the capital of France?", "Write a poem about the sea.", "Name three fruits."]
 # A fixed verify cost, about what a 2-core box measures for the default model, so the
-# policy's choices (and these tests) do not depend on timing.
-SPECULATION = SpeculationOptions(mode="ngram", max_draft=8, verify_cost=0.6)
+# policy's choices (and these tests) do not depend on timing; drafts from two-token
+# matches, so more are offered, and more refused, than with the default three.
+SPECULATION = SpeculationOptions(mode="ngram", max_draft=8, min_ngram=2, verify_cost=0.6)
 FREE_WRITING = ["Explain gravity to a child.", "Write a poem about the sea.", CHAT]
 
 
@@ -210,6 +213,19 @@ def test_a_sequence_whose_drafts_are_rejected_stops_drafting_then_retries_later(
 def test_where_verifying_costs_a_full_decode_it_never_drafts() -> None:
     policy = DraftPolicy(linear_costs(1.0, 8))
     assert policy.length(8) == 0
+
+
+# --- the settings --------------------------------------------------------------------
+
+
+def test_the_settings_section_is_validated_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().speculative.mode == "ngram"
+    with pytest.raises(ValidationError, match="min_ngram"):
+        Settings(speculative={"min_ngram": 5, "max_ngram": 4})
+    with pytest.raises(ValidationError, match="mode"):
+        Settings(speculative={"mode": "eagle"})
+    monkeypatch.setenv("EDGE_AGENT_SPECULATIVE__MODE", "off")
+    assert Settings().speculative.mode == "off"
 
 
 # --- the engine, with the real model ---------------------------------------------------
