@@ -151,6 +151,7 @@ class DecodeLoop:
         self._active: list[SequenceState] = []
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._thread = threading.Thread(target=self._run, name="llamacpp-decode", daemon=True)
+        self._prepared = threading.Event()
         self._stopping = False
         self._speculation = speculation if speculation and speculation.enabled else None
         self._measure_costs = verify_costs if callable(verify_costs) else None
@@ -160,7 +161,10 @@ class DecodeLoop:
         self.accepted = 0  # of which the model chose
 
     def start(self) -> None:
+        """Start the decode thread; returns once it can take work at full speed (the
+        engine is not ready while it still times its verify costs)."""
         self._thread.start()
+        self._prepared.wait()
 
     def submit(self, sequence: SequenceState) -> None:
         self._inbox.put(sequence)
@@ -178,7 +182,10 @@ class DecodeLoop:
     # --- the decode thread -------------------------------------------------------------
 
     def _run(self) -> None:
-        self._prepare_speculation()
+        try:
+            self._prepare_speculation()
+        finally:
+            self._prepared.set()
         while not self._stopping:
             self._take_inbox(block=not self._active and not self._waiting)
             self._drop_cancelled()

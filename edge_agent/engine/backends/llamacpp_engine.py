@@ -225,7 +225,7 @@ class LlamaCppEngine:
         )
         return costs
 
-    def _time_decodes(self, sizes: Sequence[int], rounds: int = 6) -> dict[int, float]:
+    def _time_decodes(self, sizes: Sequence[int], rounds: int = 4) -> dict[int, float]:
         """The fastest of a few decodes of each size of tokens of one sequence, in seconds.
 
         The sizes take turns, round by round, so that other work on a shared box slows
