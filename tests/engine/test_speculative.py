@@ -22,6 +22,7 @@ from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, grammar_f
 from edge_agent.engine.backends.llamacpp_speculation import (
     DraftPolicy,
     SpeculationOptions,
+    VerifyCosts,
     costs_from_timings,
     linear_costs,
     verify,
@@ -180,11 +181,32 @@ def test_costs_are_bounded_by_separate_decodes() -> None:
     """A box busy with other work can time a batch as slower than its tokens one by one."""
     costs = costs_from_timings({1: 0.010, 2: 0.050, 9: 0.300}, max_draft=8)
     assert costs[2] == 2.0 and costs[9] == 9.0
-    assert DraftPolicy(costs).length(8) == 0
+    assert DraftPolicy(VerifyCosts(costs)).length(8) == 0
+
+
+def test_a_slow_loop_step_makes_verifying_relatively_cheaper() -> None:
+    """Steps slower than the timed decodes pay the difference once per step."""
+
+    def pays(costs: VerifyCosts) -> bool:
+        policy = DraftPolicy(costs)
+        policy.record(1, 0, rejected=True)  # about one drafted token in two accepted
+        return policy.length(8) > 0
+
+    costs = VerifyCosts(linear_costs(0.6, 8), one_token_s=0.010)
+    costs.observe(0.010)
+    assert costs.costs == pytest.approx(linear_costs(0.6, 8))
+    assert not pays(costs), "at 0.6 of a step per token, this acceptance does not pay"
+    for _ in range(60):
+        costs.observe(0.020)  # the loop's steps take twice the timing: half is overhead
+    assert costs.costs[9] == pytest.approx((5.8 + 1) / 2, rel=0.01)
+    assert pays(costs)
+    fixed = VerifyCosts(linear_costs(0.6, 8))
+    fixed.observe(0.5)
+    assert fixed.costs == linear_costs(0.6, 8), "costs from the settings stay as given"
 
 
 def test_a_sequence_whose_drafts_are_accepted_drafts_further() -> None:
-    policy = DraftPolicy(linear_costs(0.6, 8))
+    policy = DraftPolicy(VerifyCosts(linear_costs(0.6, 8)))
     first = policy.length(8)
     assert 0 < first < 8
     for _ in range(5):
@@ -193,7 +215,7 @@ def test_a_sequence_whose_drafts_are_accepted_drafts_further() -> None:
 
 
 def test_a_sequence_whose_drafts_are_rejected_stops_drafting_then_retries_later() -> None:
-    policy = DraftPolicy(linear_costs(0.6, 8))
+    policy = DraftPolicy(VerifyCosts(linear_costs(0.6, 8)))
     drafted = policy.length(8)
     policy.record(drafted, 0, rejected=True)
     assert policy.length(8) == 0
@@ -211,7 +233,7 @@ def test_a_sequence_whose_drafts_are_rejected_stops_drafting_then_retries_later(
 
 
 def test_where_verifying_costs_a_full_decode_it_never_drafts() -> None:
-    policy = DraftPolicy(linear_costs(1.0, 8))
+    policy = DraftPolicy(VerifyCosts(linear_costs(1.0, 8)))
     assert policy.length(8) == 0
 
 

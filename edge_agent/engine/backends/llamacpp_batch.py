@@ -40,6 +40,7 @@ from __future__ import annotations
 import codecs
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, logprobs_
 from edge_agent.engine.backends.llamacpp_speculation import (
     DraftPolicy,
     SpeculationOptions,
+    VerifyCosts,
     verify,
 )
 from edge_agent.engine.backends.llamacpp_vocab import Vocabulary
@@ -131,11 +133,10 @@ class DecodeLoop:
         prefix_cache: bool,
         sink: StepSink,
         speculation: SpeculationOptions | None = None,
-        verify_costs: Sequence[float] | Callable[[], Sequence[float]] = (),
+        verify_costs: VerifyCosts | Callable[[], VerifyCosts] | None = None,
     ) -> None:
-        """``verify_costs[n]``: decoding n tokens of one sequence, in one-token decodes,
-        for n up to the speculation's ``max_draft + 1`` (see ``llamacpp_speculation``);
-        or what measures them, called on the decode thread before its first step."""
+        """``verify_costs``: what verifying drafted tokens costs (``llamacpp_speculation``),
+        or what measures it, called on the decode thread before its first step."""
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._vocab = vocab
@@ -155,7 +156,7 @@ class DecodeLoop:
         self._stopping = False
         self._speculation = speculation if speculation and speculation.enabled else None
         self._measure_costs = verify_costs if callable(verify_costs) else None
-        self._verify_costs = () if callable(verify_costs) else tuple(verify_costs)
+        self._verify_costs = None if callable(verify_costs) else verify_costs
         self.steps = 0
         self.drafted = 0  # drafted tokens verified, over all sequences
         self.accepted = 0  # of which the model chose
@@ -212,10 +213,11 @@ class DecodeLoop:
             return
         if self._measure_costs is not None:
             try:
-                self._verify_costs = tuple(self._measure_costs())
+                self._verify_costs = self._measure_costs()
             except Exception as exc:
                 log.error("speculation_off", reason=f"timing the verify costs failed: {exc}")
-        if len(self._verify_costs) < self._speculation.max_draft + 2:
+        costs = self._verify_costs
+        if costs is None or costs.max_draft < self._speculation.max_draft:
             log.error("speculation_off", reason="no verify cost for every draft length")
             self._speculation = None
 
@@ -268,6 +270,7 @@ class DecodeLoop:
                     min_n=options.min_ngram,
                     max_n=options.max_ngram,
                 )
+                assert self._verify_costs is not None
                 sequence.policy = DraftPolicy(self._verify_costs)
             self._active.append(sequence)
 
@@ -317,9 +320,12 @@ class DecodeLoop:
         if n == 0:
             return
         batch.n_tokens = n
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise BackendError(f"llama_decode returned {status}")
+        if n == 1 and generating and self._verify_costs is not None:
+            self._verify_costs.observe(time.perf_counter() - started)
         self.steps += 1
         outbox: StepOutput = []
         for sequence, index, draft in verifying:

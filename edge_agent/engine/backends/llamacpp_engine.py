@@ -25,6 +25,7 @@ from edge_agent.engine.backends.llamacpp_config import CpuConfig
 from edge_agent.engine.backends.llamacpp_embed import Embedder
 from edge_agent.engine.backends.llamacpp_speculation import (
     SpeculationOptions,
+    VerifyCosts,
     costs_from_timings,
     linear_costs,
 )
@@ -205,7 +206,7 @@ class LlamaCppEngine:
             seconds=time.perf_counter() - started,
         )
 
-    def verify_costs(self) -> tuple[float, ...]:
+    def verify_costs(self) -> VerifyCosts:
         """What verifying drafted tokens costs here, per ``costs_from_timings``.
 
         Measured unless the settings give it: it is a property of the CPU, the build and
@@ -214,7 +215,7 @@ class LlamaCppEngine:
         """
         speculation = self.options.speculation
         if speculation.verify_cost is not None:
-            return linear_costs(speculation.verify_cost, speculation.max_draft)
+            return VerifyCosts(linear_costs(speculation.verify_cost, speculation.max_draft))
         sizes = sorted({1, 2, max(2, speculation.max_draft // 2 + 1), speculation.max_draft + 1})
         seconds = self._time_decodes(sizes)
         costs = costs_from_timings(seconds, speculation.max_draft)
@@ -223,7 +224,7 @@ class LlamaCppEngine:
             one_token_ms=round(seconds[1] * 1000, 2),
             costs={size: round(costs[size], 2) for size in sizes},
         )
-        return costs
+        return VerifyCosts(costs, seconds[1])
 
     def _time_decodes(self, sizes: Sequence[int], rounds: int = 4) -> dict[int, float]:
         """The fastest of a few decodes of each size of tokens of one sequence, in seconds.
@@ -266,7 +267,7 @@ class LlamaCppEngine:
             prefix_cache=options.prefix_cache,
             sink=sink,
             speculation=speculation,
-            verify_costs=self.verify_costs if speculation.enabled else (),
+            verify_costs=self.verify_costs if speculation.enabled else None,
         )
         self.loop.start()
         return self.loop

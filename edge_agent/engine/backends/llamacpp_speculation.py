@@ -92,6 +92,41 @@ def costs_from_timings(seconds: Mapping[int, float], max_draft: int) -> tuple[fl
     return tuple(costs)
 
 
+def with_step_overhead(costs: Sequence[float], overhead: float) -> tuple[float, ...]:
+    """``costs`` when every step also pays ``overhead`` (in one-token decodes) however
+    many tokens it decodes: verifying is then relatively cheaper."""
+    return (0.0, *((cost + overhead) / (1.0 + overhead) for cost in costs[1:]))
+
+
+class VerifyCosts:
+    """What decoding n tokens of one sequence costs, in one-token steps, as the loop sees it.
+
+    Timed decodes on a quiet context say what the kernels cost; the loop's own
+    one-token steps can take longer (another process on the box's cores, OpenMP threads
+    waking), and what they take beyond the timing is paid per step, not per token.
+    ``observe`` follows that, so drafting is weighed against the steps it saves.
+    """
+
+    def __init__(self, decode: Sequence[float], one_token_s: float | None = None) -> None:
+        self._decode = tuple(decode)
+        self._one_token_s = one_token_s  # None: fixed costs, from the settings
+        self.observed_s: float | None = None
+        self.costs = self._decode
+
+    @property
+    def max_draft(self) -> int:
+        return len(self._decode) - 2
+
+    def observe(self, seconds: float) -> None:
+        """A one-token step of a lone sequence took ``seconds``."""
+        if self._one_token_s is None or self._one_token_s <= 0:
+            return
+        previous = self.observed_s
+        self.observed_s = seconds if previous is None else previous + 0.1 * (seconds - previous)
+        overhead = max(0.0, self.observed_s - self._one_token_s) / self._one_token_s
+        self.costs = with_step_overhead(self._decode, overhead)
+
+
 def verify(draft: Sequence[int], draw: Callable[[int], int | None]) -> int:
     """Draw a verified draft's positions in turn; how many drafted tokens were accepted.
 
@@ -110,8 +145,8 @@ def verify(draft: Sequence[int], draw: Callable[[int], int | None]) -> int:
 class DraftPolicy:
     """One sequence's acceptance so far, and the draft length it makes worth verifying."""
 
-    def __init__(self, costs: Sequence[float]) -> None:
-        self._costs = tuple(costs)
+    def __init__(self, costs: VerifyCosts) -> None:
+        self._costs = costs
         self._hits = 0.0  # drafted tokens accepted, fading with DECAY
         self._trials = 0.0  # drafted tokens drawn against (accepted, or the one rejected)
         self._pause = 0
@@ -122,7 +157,7 @@ class DraftPolicy:
 
     @property
     def max_draft(self) -> int:
-        return len(self._costs) - 2
+        return self._costs.max_draft
 
     @property
     def acceptance(self) -> float:
@@ -144,12 +179,13 @@ class DraftPolicy:
         if available <= 0:
             return 0
         a = self.acceptance
+        costs = self._costs.costs
         best, best_rate = 0, 1.0
         expected, term = 1.0, 1.0
         for k in range(1, min(available, self.max_draft) + 1):
             term *= a
             expected += term
-            rate = expected / self._costs[k + 1]
+            rate = expected / costs[k + 1]
             if rate > best_rate:
                 best, best_rate = k, rate
         if best == 0:
