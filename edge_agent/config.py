@@ -119,6 +119,31 @@ class EngineSettings(_Section):
         return Path(base) / "edge-agent" / "engine-probes.json"
 
 
+class SpeculativeSettings(_Section):
+    """Speculative decoding in the llama.cpp engine: exact, so the text never changes.
+
+    ``ngram`` drafts a sequence's next tokens from where its last ones appeared in the
+    prompt or the answer so far, and verifies them in the step's batch; each sequence
+    drafts only while its acceptance pays for the verifying (docs/engine.md).
+    """
+
+    mode: Literal["off", "ngram"] = "ngram"
+    # Tokens drafted after the sampled one, at most.
+    max_draft: int = Field(default=8, ge=1, le=64)
+    # The shortest and longest match of a sequence's last tokens a draft is taken from.
+    min_ngram: int = Field(default=3, ge=1, le=16)
+    max_ngram: int = Field(default=4, ge=1, le=16)
+    # Cost of verifying one more token, as a fraction of a one-token decode; None
+    # measures it when the engine loads.
+    verify_cost: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> SpeculativeSettings:
+        if self.min_ngram > self.max_ngram:
+            raise ValueError("min_ngram must not exceed max_ngram")
+        return self
+
+
 class HttpSettings(_Section):
     """What one client may hold: time to send a request, connections, a stalled stream.
 
@@ -229,6 +254,7 @@ class Settings(BaseSettings):
     upload: UploadSettings = UploadSettings()
     engine: EngineSettings = EngineSettings()
     vllm: VllmOptions = VllmOptions()
+    speculative: SpeculativeSettings = SpeculativeSettings()
 
     @field_validator("max_request_bytes", mode="before")
     @classmethod

@@ -101,6 +101,7 @@ def build_backend(choice: BackendChoice, manifest: ModelManifest, settings: Sett
     # Imported here so a GPU box without llama-cpp-python still starts vLLM.
     from edge_agent.engine.backends.llamacpp import LlamaCppBackend
     from edge_agent.engine.backends.llamacpp_process import LlamaCppProcessBackend, RestartPolicy
+    from edge_agent.engine.backends.llamacpp_speculation import SpeculationOptions
 
     engine = settings.engine
     options: dict[str, Any] = {
@@ -116,6 +117,13 @@ def build_backend(choice: BackendChoice, manifest: ModelManifest, settings: Sett
         "embedding_sequences": manifest.embedding.batch_inputs,
         "embedding_gguf": manifest.embedding_gguf_path(),
         "embedding_sha256": manifest.embedding.gguf.sha256 if manifest.embedding.gguf else None,
+        "speculation": SpeculationOptions(
+            mode=settings.speculative.mode,
+            max_draft=settings.speculative.max_draft,
+            min_ngram=settings.speculative.min_ngram,
+            max_ngram=settings.speculative.max_ngram,
+            verify_cost=settings.speculative.verify_cost,
+        ),
     }
     if not engine.isolated:
         return LlamaCppBackend(manifest.gguf_path(), **options)

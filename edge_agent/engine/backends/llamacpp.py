@@ -25,6 +25,7 @@ from edge_agent.engine.backends.llamacpp_embed import embedding_length
 from edge_agent.engine.backends.llamacpp_engine import EngineOptions, LlamaCppEngine
 from edge_agent.engine.backends.llamacpp_probe import Verdict, VerdictCache, select_config
 from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, grammar_for
+from edge_agent.engine.backends.llamacpp_speculation import SpeculationOptions
 from edge_agent.engine.backends.llamacpp_vocab import Vocabulary, load_vocab_only, quiet_llama_logs
 from edge_agent.engine.types import (
     BackendError,
@@ -66,12 +67,14 @@ class LlamaCppFront:
         embedding_sequences: int = 16,
         embedding_gguf: Path | None = None,
         embedding_sha256: str | None = None,
+        speculation: SpeculationOptions | None = None,
     ) -> None:
         """``expected_sha256``: refuse to load a file whose digest differs (the manifest's).
 
         ``embedding_max_tokens``: tokens per embedding batch, and so the most one input may
         have; ``embedding_sequences``: inputs per embedding batch; ``embedding_gguf``: a
         separate embedding model (with its manifest digest), None to embed with this one.
+        ``speculation``: drafting and verifying several tokens per step (None: off).
         """
         self._path = gguf_path
         self._expected_sha256 = expected_sha256
@@ -94,6 +97,7 @@ class LlamaCppFront:
         self._embedding_length = 0
         self._embedding_path = embedding_gguf
         self._embedding_sha256 = embedding_sha256
+        self._speculation = speculation or SpeculationOptions()
         self._embedding_vocab_model: Any = None
         self._embedding_vocab: Vocabulary | None = None
         # Embedding requests awaiting their vectors, by key (the process backend's).
@@ -142,6 +146,7 @@ class LlamaCppFront:
             embedding_max_tokens=self._embedding_max_tokens,
             embedding_sequences=self._embedding_sequences,
             embedding_gguf=self._embedding_path,
+            speculation=self._speculation,
         )
 
     async def _prepare(self) -> CpuConfig:

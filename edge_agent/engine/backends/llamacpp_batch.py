@@ -27,6 +27,12 @@ as separate passes, each about as dear as a lone sequence. So a step lists its t
 in slot order, and a new request goes to the free slot that keeps the busy slots in
 the fewest runs, unless another slot's cached prefix saves more prompt work than an
 extra pass per step costs (``RUN_COST_TOKENS``).
+
+Speculation (``llamacpp_speculation``): with it on, a generating sequence's token may
+come with tokens drafted by prompt lookup (``llamacpp_ngram``), verified in the same
+batch; the cells of drafted tokens the model did not choose are removed before the
+next step, so a slot's cells stay exactly the tokens it has emitted. The same
+invariance makes a verified token's logits those of a one-token step.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import codecs
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +49,14 @@ from typing import Any
 import llama_cpp
 import structlog
 
+from edge_agent.engine.backends.llamacpp_ngram import NgramIndex
 from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, logprobs_of
+from edge_agent.engine.backends.llamacpp_speculation import (
+    DraftPolicy,
+    SpeculationOptions,
+    VerifyCosts,
+    verify,
+)
 from edge_agent.engine.backends.llamacpp_vocab import Vocabulary
 from edge_agent.engine.types import (
     BackendError,
@@ -79,6 +93,10 @@ class SequenceState:
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
+    # With speculation on: the prompt and emitted tokens to draft from, and how far
+    # drafting pays for this sequence.
+    ngram: NgramIndex | None = None
+    policy: DraftPolicy | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -114,7 +132,11 @@ class DecodeLoop:
         n_batch: int,
         prefix_cache: bool,
         sink: StepSink,
+        speculation: SpeculationOptions | None = None,
+        verify_costs: VerifyCosts | Callable[[], VerifyCosts] | None = None,
     ) -> None:
+        """``verify_costs``: what verifying drafted tokens costs (``llamacpp_speculation``),
+        or what measures it, called on the decode thread before its first step."""
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._vocab = vocab
@@ -130,11 +152,20 @@ class DecodeLoop:
         self._active: list[SequenceState] = []
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._thread = threading.Thread(target=self._run, name="llamacpp-decode", daemon=True)
+        self._prepared = threading.Event()
         self._stopping = False
+        self._speculation = speculation if speculation and speculation.enabled else None
+        self._measure_costs = verify_costs if callable(verify_costs) else None
+        self._verify_costs = None if callable(verify_costs) else verify_costs
         self.steps = 0
+        self.drafted = 0  # drafted tokens verified, over all sequences
+        self.accepted = 0  # of which the model chose
 
     def start(self) -> None:
+        """Start the decode thread; returns once it can take work at full speed (the
+        engine is not ready while it still times its verify costs)."""
         self._thread.start()
+        self._prepared.wait()
 
     def submit(self, sequence: SequenceState) -> None:
         self._inbox.put(sequence)
@@ -152,6 +183,10 @@ class DecodeLoop:
     # --- the decode thread -------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._prepare_speculation()
+        finally:
+            self._prepared.set()
         while not self._stopping:
             self._take_inbox(block=not self._active and not self._waiting)
             self._drop_cancelled()
@@ -168,6 +203,23 @@ class DecodeLoop:
                     failed.append((sequence, BackendError(f"llama.cpp decode failed: {exc}")))
                 self._active.clear()
                 self._sink(failed)
+
+    def _prepare_speculation(self) -> None:
+        # Timed here, not by the thread that loaded the model: llama.cpp's OpenMP threads
+        # serve each calling thread apart, and a one-token decode from this thread has
+        # been seen to take about twice as long as from the loading one, which makes
+        # verifying relatively cheaper than a timing elsewhere says.
+        if self._speculation is None:
+            return
+        if self._measure_costs is not None:
+            try:
+                self._verify_costs = self._measure_costs()
+            except Exception as exc:
+                log.error("speculation_off", reason=f"timing the verify costs failed: {exc}")
+        costs = self._verify_costs
+        if costs is None or costs.max_draft < self._speculation.max_draft:
+            log.error("speculation_off", reason="no verify cost for every draft length")
+            self._speculation = None
 
     def _take_inbox(self, *, block: bool) -> None:
         try:
@@ -211,19 +263,36 @@ class DecodeLoop:
             sequence.slot = slot.index
             sequence.n_past = reuse
             sequence.prompt_cursor = reuse
+            options = self._speculation
+            if options is not None and sequence.ngram is None:
+                sequence.ngram = NgramIndex(
+                    sequence.request.prompt_tokens,
+                    min_n=options.min_ngram,
+                    max_n=options.max_ngram,
+                )
+                assert self._verify_costs is not None
+                sequence.policy = DraftPolicy(self._verify_costs)
             self._active.append(sequence)
 
     def _step(self) -> None:
         batch = self._batch
         n = 0
         sampled: list[tuple[SequenceState, int]] = []
+        verifying: list[tuple[SequenceState, int, list[int]]] = []
         # In slot order: llama.cpp decodes one token of each of 8 KV streams about a third
         # slower when the batch lists the streams out of order.
         generating = sorted((s for s in self._active if not s.prefilling), key=_slot_of)
+        # Drafts never take the room a prompt chunk needs this step.
+        room = self._n_batch - len(generating) - PREFILL_CHUNK
         for sequence in generating:
+            draft = self._draft(sequence, room)
+            room -= len(draft)
+            verifying.append((sequence, n, draft))
             self._put(n, sequence.last_token, sequence.n_past, sequence.slot, True)
-            sampled.append((sequence, n))
             n += 1
+            for offset, token in enumerate(draft, start=1):
+                self._put(n, token, sequence.n_past + offset, sequence.slot, True)
+                n += 1
         # Prompt work per step is bounded while other sequences stream, so a long
         # prompt arriving adds at most one chunk's cost to their next token.
         budget = self._n_batch - n
@@ -251,22 +320,67 @@ class DecodeLoop:
         if n == 0:
             return
         batch.n_tokens = n
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise BackendError(f"llama_decode returned {status}")
+        if n == 1 and generating and self._verify_costs is not None:
+            self._verify_costs.observe(time.perf_counter() - started)
         self.steps += 1
-        for sequence in generating:
-            self._slots[sequence.slot].cached.append(sequence.last_token)
-            sequence.n_past += 1
         outbox: StepOutput = []
+        for sequence, index, draft in verifying:
+            outbox.append((sequence, self._verify(sequence, index, draft)))
         for sequence, index in sampled:
-            event = self._sample(sequence, index)
-            outbox.append((sequence, [event]))
-            if event.finish_reason is not None:
+            outbox.append((sequence, [self._sample(sequence, index)]))
+        for sequence, events in outbox:
+            if isinstance(events, list) and events[-1].finish_reason is not None:
                 self._active.remove(sequence)
                 self._release(sequence)
         if outbox:
             self._sink(outbox)
+
+    def _draft(self, sequence: SequenceState, room: int) -> list[int]:
+        """Tokens to verify after the sequence's sampled one this step, maybe none."""
+        if sequence.ngram is None or sequence.policy is None:
+            return []
+        # Never draft past what the sequence may still emit (its last verified token
+        # brings one more), nor past the end of its context.
+        limit = min(
+            sequence.policy.max_draft,
+            sequence.request.params.max_tokens - sequence.generated - 1,
+            self._n_ctx_seq - 1 - sequence.n_past,
+            room,
+        )
+        draft = sequence.ngram.draft(limit)
+        return draft[: sequence.policy.length(len(draft))]
+
+    def _verify(self, sequence: SequenceState, index: int, draft: list[int]) -> list[TokenEvent]:
+        """The events of a sequence fed its sampled token at ``index``, drafted ones after."""
+        slot = self._slots[sequence.slot]
+        slot.cached.append(sequence.last_token)
+        base = sequence.n_past + 1  # cells written before the token drawn at row 0
+        events: list[TokenEvent] = []
+
+        def draw(i: int) -> int | None:
+            # Row i follows the sampled token and the first i drafted ones, all accepted.
+            sequence.n_past = base + i
+            event = self._sample(sequence, index + i)
+            events.append(event)
+            return None if event.finish_reason is not None else event.token_id
+
+        accepted = verify(draft, draw)
+        sequence.n_past = base + accepted
+        if draft:
+            slot.cached.extend(draft[:accepted])
+            # The cells of drafted tokens not chosen go, so the slot holds what was emitted.
+            llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, sequence.n_past, -1)
+            chosen = events[-1].token_id
+            rejected = accepted < len(draft) and chosen is not None and chosen != draft[accepted]
+            if sequence.policy is not None:
+                sequence.policy.record(len(draft), accepted, rejected)
+            self.drafted += len(draft)
+            self.accepted += accepted
+        return events
 
     def _put(self, i: int, token: int, position: int, seq: int, logits: bool) -> None:
         batch = self._batch
@@ -293,6 +407,8 @@ class DecodeLoop:
         sequence.generated += 1
         # Its KV cell is written when it is fed back in the next step, at position n_past.
         sequence.last_token = token
+        if sequence.ngram is not None:
+            sequence.ngram.append(token)
         text = sequence.decoder.decode(self._token_bytes(token))
         finish: FinishReason | None = None
         if sequence.generated >= params.max_tokens or sequence.n_past >= self._n_ctx_seq:
@@ -304,6 +420,17 @@ class DecodeLoop:
         # slot.cached lists exactly the cells written, so it stays valid for prefix reuse.
         self._slots[sequence.slot].busy = False
         sequence.sampler.free()
+        policy = sequence.policy
+        if policy is not None and policy.drafted:
+            # Per request, so a box's log says where speculation pays and where it paused.
+            log.info(
+                "speculation",
+                request_id=sequence.request.request_id,
+                generated=sequence.generated,
+                drafted=policy.drafted,
+                accepted=policy.accepted,
+                pauses=policy.pauses,
+            )
 
 
 def choose_slot(

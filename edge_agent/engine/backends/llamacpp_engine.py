@@ -12,7 +12,7 @@ import ctypes
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,12 @@ import structlog
 from edge_agent.engine.backends.llamacpp_batch import DecodeLoop, StepSink
 from edge_agent.engine.backends.llamacpp_config import CpuConfig
 from edge_agent.engine.backends.llamacpp_embed import Embedder
+from edge_agent.engine.backends.llamacpp_speculation import (
+    SpeculationOptions,
+    VerifyCosts,
+    costs_from_timings,
+    linear_costs,
+)
 from edge_agent.engine.backends.llamacpp_vocab import Vocabulary
 from edge_agent.engine.types import BackendError
 
@@ -68,6 +74,7 @@ class EngineOptions:
     embedding_sequences: int = 16
     # A separate embedding model, loaded beside the chat model; None embeds with it.
     embedding_gguf: Path | None = None
+    speculation: SpeculationOptions = field(default_factory=SpeculationOptions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,9 +206,58 @@ class LlamaCppEngine:
             seconds=time.perf_counter() - started,
         )
 
+    def verify_costs(self) -> VerifyCosts:
+        """What verifying drafted tokens costs here, per ``costs_from_timings``.
+
+        Measured unless the settings give it: it is a property of the CPU, the build and
+        the model (a small model on few cores computes every row; a large one reads the
+        same weights for all rows of a batch, and extra rows come nearly free).
+        """
+        speculation = self.options.speculation
+        if speculation.verify_cost is not None:
+            return VerifyCosts(linear_costs(speculation.verify_cost, speculation.max_draft))
+        sizes = sorted({1, 2, max(2, speculation.max_draft // 2 + 1), speculation.max_draft + 1})
+        seconds = self._time_decodes(sizes)
+        costs = costs_from_timings(seconds, speculation.max_draft)
+        log.info(
+            "speculation_costs",
+            one_token_ms=round(seconds[1] * 1000, 2),
+            costs={size: round(costs[size], 2) for size in sizes},
+        )
+        return VerifyCosts(costs, seconds[1])
+
+    def _time_decodes(self, sizes: Sequence[int], rounds: int = 4) -> dict[int, float]:
+        """The fastest of a few decodes of each size of tokens of one sequence, in seconds.
+
+        The sizes take turns, round by round, so that other work on a shared box slows
+        them alike; the fastest of each is the one least disturbed.
+        """
+        assert self._ctx is not None and self.vocab is not None
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        batch = llama_cpp.llama_batch_init(max(sizes), 0, 1)
+        best = dict.fromkeys(sizes, math.inf)
+        try:
+            for round_ in range(rounds + 1):
+                for size in sizes:
+                    for i in range(size):
+                        _put(batch, i, (i * 7919 + 100) % self.vocab.n_vocab, i, 0, True)
+                    batch.n_tokens = size
+                    started = time.perf_counter()
+                    status = llama_cpp.llama_decode(self._ctx, batch)
+                    elapsed = time.perf_counter() - started
+                    llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)
+                    if status != 0:
+                        raise BackendError(f"llama_decode returned {status} while timing")
+                    if round_ > 0:  # the first warms the caches
+                        best[size] = min(best[size], elapsed)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return best
+
     def start_loop(self, sink: StepSink) -> DecodeLoop:
         assert self._ctx is not None and self.vocab is not None
         options = self.options
+        speculation = options.speculation
         self.loop = DecodeLoop(
             ctx=self._ctx,
             vocab=self.vocab,
@@ -210,6 +266,8 @@ class LlamaCppEngine:
             n_batch=options.n_batch,
             prefix_cache=options.prefix_cache,
             sink=sink,
+            speculation=speculation,
+            verify_costs=self.verify_costs if speculation.enabled else None,
         )
         self.loop.start()
         return self.loop
