@@ -212,11 +212,13 @@ async def test_corrupt_candidates_are_refused_and_the_old_model_serves(
     assert (await client.get("/readyz")).status == 200
 
 
-async def test_unknown_model_is_404(make_client: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("name", ["no-such-model", "x" * 5000, "bad\u0000name", "/etc/hostname"])
+async def test_a_model_that_is_not_one_is_a_404(make_client: Callable[..., Any], name: str) -> None:
     client = await make_client(auth_token=TOKEN)
-    swap = await client.put("/models/active", json={"model": "no-such-model"}, headers=AUTH)
+    swap = await client.put("/models/active", json={"model": name}, headers=AUTH)
     assert swap.status == 404
     assert (await swap.json())["error"]["code"] == "model_not_found"
+    assert (await client.get("/readyz")).status == 200
 
 
 async def test_without_a_token_the_lan_cannot_swap(

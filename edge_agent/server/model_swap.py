@@ -107,7 +107,9 @@ class ModelSwitcher:
         try:
             found = await asyncio.to_thread(find_model, target, state.settings.state_dir)
             manifest = served_manifest(found, state.settings.openai_enabled)
-        except (ManifestError, ValueError) as exc:
+        # OSError: a name the filesystem refuses (too long); ValueError: a NUL in it, a
+        # manifest that is not UTF-8, or defaults no request could carry.
+        except (ManifestError, ValueError, OSError) as exc:
             log.error("model_swap_failed", model=target, origin=origin, reason=str(exc))
             return SwapResult("not_found", target, str(exc))
         current = state.active.manifest
