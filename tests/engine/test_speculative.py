@@ -428,13 +428,17 @@ def test_every_sampler_gives_the_same_tokens_with_speculation(
 
 def test_a_sequence_whose_drafts_miss_stops_drafting(plain: Engine, speculating: Engine) -> None:
     """Free writing repeats a phrase of the prompt now and then, and rarely goes on as
-    it did: drafts are offered and mostly refused, so drafting pauses."""
+    it did: drafts are offered and mostly refused, so drafting pauses. (A small model's
+    free writing may also fall into repeating itself, where drafts pay again: which
+    prompt does which depends on the CPU's kernels, so the test asks for one of each
+    kind of answer only where it must.)"""
     prompts = [plain.prompt(q) for q in FREE_WRITING]
     results = [speculating.run([p], greedy(150))[0] for p in prompts]
-    paused = [s.policy for _, s in results if s.policy is not None and s.policy.pauses > 0]
-    assert paused, "some free writing made its sequence stop drafting"
-    for policy in paused:
-        assert policy.accepted < 0.8 * policy.drafted
+    policies = [s.policy for _, s in results if s.policy is not None]
+    refused = [p for p in policies if p.drafted and p.accepted < 0.5 * p.drafted]
+    assert refused, "some free writing had most of its drafts refused"
+    for policy in refused:
+        assert policy.pauses > 0, "a sequence whose drafts were mostly refused paused"
     for prompt, (events, _) in zip(prompts, results, strict=True):
         assert text_of(events) == text_of(plain.one(prompt, greedy(150)))
 

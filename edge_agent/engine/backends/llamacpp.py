@@ -317,18 +317,19 @@ class LlamaCppBackend(LlamaCppFront):
     async def start(self) -> None:
         config = await self._prepare()
         engine = LlamaCppEngine(self._engine_options(config))
-        await asyncio.to_thread(engine.load)
-        check = await asyncio.to_thread(engine.self_check)
-        if not check.passed:
-            await asyncio.to_thread(engine.close)
-            raise BackendError(f"the engine's self-check failed: {check}")
-        self._n_ctx_seq = engine.n_ctx_seq
         loop = asyncio.get_running_loop()
 
         def sink(outputs: StepOutput) -> None:
             loop.call_soon_threadsafe(self._dispatch, outputs)
 
-        engine.start_loop(sink)
+        # Loading computes nothing; the self-check and all decoding run on the decode
+        # thread, the only one that may compute (see llamacpp_batch).
+        await asyncio.to_thread(engine.load)
+        check = await asyncio.to_thread(engine.start, sink)
+        if not check.passed:
+            await asyncio.to_thread(engine.close)
+            raise BackendError(f"the engine's self-check failed: {check}")
+        self._n_ctx_seq = engine.n_ctx_seq
         self._engine = engine
         log.info(
             "model_loaded",
@@ -370,7 +371,7 @@ class LlamaCppBackend(LlamaCppFront):
         engine = self._engine
         if engine is None or engine.embedder is None:
             raise BackendError("model is not loaded")
-        vectors = await asyncio.to_thread(engine.embedder.embed, request.inputs)
+        vectors = await asyncio.wrap_future(engine.embed(request.inputs))
         return EmbeddingResult(tuple(vectors))
 
     async def close(self) -> None:

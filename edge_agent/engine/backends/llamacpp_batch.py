@@ -1,6 +1,14 @@
 """The llama.cpp decode loop: continuous batching of many sequences in one context.
 
-One thread owns the llama.cpp context. Each step it drops cancelled sequences,
+One thread owns the llama.cpp context, and it is the only thread of the process that
+makes llama.cpp compute: the self-check and embeddings run on it too, between steps
+(``DecodeLoop.call``). With llama.cpp's OpenMP build, every thread that computes gets a
+team of OpenMP threads of its own, and once a process has more of those threads than
+cores, libgomp stops spinning at the barriers ggml places between operations and
+sleeps instead: a one-token decode from a second thread took 2-5x as long as from the
+first one on a 2-core box, for as long as the first thread's team lived.
+
+Each step it drops cancelled sequences,
 admits waiting ones into free slots, packs one token per generating sequence and
 a bounded slice of pending prompt tokens into a single batch, decodes it, samples
 every sequence that produced logits, and hands the step's token events to the
@@ -38,13 +46,14 @@ invariance makes a verified token's logits those of a one-token step.
 from __future__ import annotations
 
 import codecs
+import concurrent.futures
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import llama_cpp
 import structlog
@@ -119,8 +128,19 @@ class Slot:
     busy: bool = False
 
 
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Call:
+    """Work for the decode thread between steps (``DecodeLoop.call``)."""
+
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future[Any]
+
+
 class DecodeLoop:
-    """Owns the llama.cpp context on a thread of its own; thread-safe ``submit``."""
+    """Owns the llama.cpp context on a thread of its own; thread-safe ``submit`` and ``call``."""
 
     def __init__(
         self,
@@ -147,13 +167,14 @@ class DecodeLoop:
         self._token_bytes = vocab.token_bytes
         self._sink = sink
         self._slots = [Slot(i) for i in range(n_slots)]
-        self._inbox: queue.SimpleQueue[SequenceState | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[SequenceState | _Call | None] = queue.SimpleQueue()
         self._waiting: deque[SequenceState] = deque()
         self._active: list[SequenceState] = []
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._thread = threading.Thread(target=self._run, name="llamacpp-decode", daemon=True)
         self._prepared = threading.Event()
         self._stopping = False
+        self._calls_closed = threading.Lock()  # no call is queued after stop drains them
         self._speculation = speculation if speculation and speculation.enabled else None
         self._measure_costs = verify_costs if callable(verify_costs) else None
         self._verify_costs = None if callable(verify_costs) else verify_costs
@@ -170,11 +191,31 @@ class DecodeLoop:
     def submit(self, sequence: SequenceState) -> None:
         self._inbox.put(sequence)
 
+    def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` on the decode thread before its next step: any llama.cpp work of
+        this process (a self-check, embeddings) goes here, see the module's doc."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._calls_closed:
+            if self._stopping:
+                future.set_exception(BackendError("the decode loop has stopped"))
+            else:
+                self._inbox.put(_Call(fn, future))
+        return future
+
     def stop(self) -> None:
-        self._stopping = True
+        with self._calls_closed:
+            self._stopping = True
         self._inbox.put(None)
         self._thread.join(timeout=30)
         llama_cpp.llama_batch_free(self._batch)
+        # Calls the thread did not reach fail rather than leave their callers waiting.
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Call):
+                item.future.set_exception(BackendError("the decode loop has stopped"))
 
     @property
     def busy_slots(self) -> int:
@@ -205,10 +246,7 @@ class DecodeLoop:
                 self._sink(failed)
 
     def _prepare_speculation(self) -> None:
-        # Timed here, not by the thread that loaded the model: llama.cpp's OpenMP threads
-        # serve each calling thread apart, and a one-token decode from this thread has
-        # been seen to take about twice as long as from the loading one, which makes
-        # verifying relatively cheaper than a timing elsewhere says.
+        # Timed on the thread that decodes, under the conditions it decodes in.
         if self._speculation is None:
             return
         if self._measure_costs is not None:
@@ -228,10 +266,22 @@ class DecodeLoop:
                 if item is None:
                     self._stopping = True
                     return
-                self._waiting.append(item)
+                if isinstance(item, _Call):
+                    self._run_call(item)
+                else:
+                    self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return
+
+    @staticmethod
+    def _run_call(call: _Call) -> None:
+        if not call.future.set_running_or_notify_cancel():
+            return
+        try:
+            call.future.set_result(call.fn())
+        except BaseException as exc:  # the caller's failure, not the loop's
+            call.future.set_exception(exc)
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self._waiting if s.cancelled]:

@@ -8,6 +8,7 @@ ready, and the probes of ``llamacpp_probe`` run nothing else.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import math
 import time
@@ -271,6 +272,20 @@ class LlamaCppEngine:
         )
         self.loop.start()
         return self.loop
+
+    def start(self, sink: StepSink) -> SelfCheck:
+        """Start the decode loop and self-check on its thread: the one thread that computes."""
+        loop = self.start_loop(sink)
+        return loop.call(self.self_check).result()
+
+    def embed(
+        self, inputs: Sequence[Sequence[int]]
+    ) -> concurrent.futures.Future[list[tuple[float, ...]]]:
+        """One vector per input, computed on the decode thread between steps."""
+        embedder, loop = self.embedder, self.loop
+        if embedder is None or loop is None:
+            raise BackendError("the engine has no embedding context")
+        return loop.call(lambda: embedder.embed(inputs))
 
     def close(self) -> None:
         if self.loop is not None:

@@ -140,12 +140,11 @@ class EngineServer:
             return 1
         load_s = time.perf_counter() - began
         _inject_fault(start.options.config.name)
-        check = engine.self_check()
+        self._engine = engine
+        check = engine.start(self._deliver)
         if not check.passed:
             self.send(LoadFailed(f"self-check failed: {check}"))
             return 1
-        self._engine = engine
-        engine.start_loop(self._deliver)
         embedding = threading.Thread(target=self._embed_loop, name="llamacpp-embed", daemon=True)
         embedding.start()
         self.send(
@@ -197,12 +196,13 @@ class EngineServer:
     def _embed_loop(self) -> None:
         """The embedding thread: each request's vectors, or why there are none."""
         while (message := self._embeds.get()) is not None:
-            embedder = self._engine.embedder if self._engine else None
             result: tuple[tuple[float, ...], ...] | SequenceFailed
             try:
-                if embedder is None:
+                if self._engine is None:
                     raise BackendError("the engine has no embedding context")
-                result = tuple(embedder.embed(message.request.inputs))
+                # Computed by the decode thread (see llamacpp_batch); this thread waits,
+                # so the socket reader stays free for Submit and Cancel.
+                result = tuple(self._engine.embed(message.request.inputs).result())
             except UnsupportedFeature as exc:
                 result = SequenceFailed("unsupported", exc.message, exc.feature)
             except Exception as exc:  # one request's failure, not the engine's
