@@ -29,6 +29,7 @@ import concurrent.futures
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -149,11 +150,18 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self.peak <= 0 and exc[0] is None:
+            # A zero would pass for a figure; the process is gone or a zombie.
+            raise RuntimeError(f"no RSS sample of pid {self._process.pid}")
 
 
 class Server:
     def __init__(self, name: str, command: list[str], port: int, base: str, env: dict[str, str]):
         self.name, self.port, self.base = name, port, base
+        # Whatever else answers on the port would be measured in this server's name.
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise RuntimeError(f"port {port} is taken: stop what listens there first")
         self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
         self.process = subprocess.Popen(
             command,
@@ -242,7 +250,11 @@ async def sweep(
     walls: dict[int, float] = dict.fromkeys(CONCURRENCY, 0.0)
     peaks: dict[int, int] = dict.fromkeys(CONCURRENCY, 0)
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # A connection per request, for every server alike: llama-server may close a kept-alive
+    # connection right after a stream ends, and aiohttp would send the next request on
+    # it. A loopback connect costs microseconds against milliseconds of ttft.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         # Warm-up: first-request costs (page faults, allocations) are not serving speed.
         await one_stream(session, server.url, [{"role": "user", "content": "Hi"}], 8)
         if beside is not None:
@@ -529,6 +541,10 @@ def targets(results: Results) -> list[tuple[str, str, Verdict]]:
     inproc8 = by[(IN_PROCESS, 8)]
     lcs8 = by[("llama_cpp.server", 8)]
     direct = results.direct
+    # What batching is asked to give: 1.8x on the default model, which is compute-bound on
+    # a CPU; 3x on a 1B-class model, where a step of 8 tokens reads the same weights as
+    # a step of 1 (on a box with the memory bandwidth to make that the limit).
+    batching = 1.8 if results.model == DEFAULT_MODEL else 3.0
     checks = [
         (
             "8 streams: engine process >= 0.97 x the in-process engine (previous design)",
@@ -549,12 +565,12 @@ def targets(results: Results) -> list[tuple[str, str, Verdict]]:
             verdict(edge1.ttft_p50_ms <= direct["ttft_ms"] + 5),
         ),
         (
-            "8 streams aggregate >= 1.8 x edge-agent single stream",
+            f"8 streams aggregate >= {batching} x edge-agent single stream",
             f"{edge8.aggregate_tps:.1f} / {edge1.aggregate_tps:.1f} = "
             f"{edge8.aggregate_tps / edge1.aggregate_tps:.2f} "
             f"(raw llama_decode allows {results.raw['ratio']:.2f})",
             verdict(
-                edge8.aggregate_tps >= 1.8 * edge1.aggregate_tps,
+                edge8.aggregate_tps >= batching * edge1.aggregate_tps,
                 # Serving cannot batch better than llama_decode alone on the same box.
                 impossible=edge8.aggregate_tps / edge1.aggregate_tps > results.raw["ratio"],
             ),
