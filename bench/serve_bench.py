@@ -646,7 +646,7 @@ def plot(results: Results, path: Path) -> None:
     right.legend()
     machine = results.machine
     fig.suptitle(
-        f"{results.model}, {results.max_tokens} tokens/request, "
+        f"{Path(results.model).stem}, {results.max_tokens} tokens/request, "
         f"{machine['cores']} cores ({machine['cpu']})",
         fontsize=9,
     )
