@@ -66,3 +66,21 @@ def test_among_equals_the_emptiest_cache_is_taken() -> None:
     # No reuse anywhere, every free slot extends the run 2-3: keep the fuller caches.
     slot, _ = choose_slot(slots({2, 3}, {1: [5, 6, 7], 4: [8]}), [1, 2], prefix_cache=True)
     assert slot.index == 4
+
+
+def test_a_short_shared_prefix_does_not_overwrite_a_long_cached_prompt() -> None:
+    # Slot 0 holds a document asked about before; a new question shares only the chat
+    # template's prefix with it. An empty slot costs 25 tokens of prefill more, and keeps
+    # the document's 200 for when it is asked about again.
+    document = [*SYSTEM, *range(2000, 2200)]
+    slot, reuse = choose_slot(slots(set(), {0: document}), [*SYSTEM, 1, 2], prefix_cache=True)
+    assert (slot.index, reuse) == (1, 0)
+
+
+def test_a_follow_up_turn_still_reuses_its_conversation() -> None:
+    # The next turn repeats the conversation so far and drops only what followed it.
+    turn = [*SYSTEM, *range(2000, 2200)]
+    cached = [*turn, *range(3000, 3040)]  # the answer, and the template's end of turn
+    prompt = [*turn, *range(3000, 3030), 9, 9]
+    slot, reuse = choose_slot(slots(set(), {3: cached}), prompt, prefix_cache=True)
+    assert (slot.index, reuse) == (3, len(turn) + 30)

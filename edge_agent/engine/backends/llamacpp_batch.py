@@ -81,6 +81,11 @@ PREFILL_CHUNK = 64
 # Prompt tokens a reused prefix must save before a slot that splits the busy slots into
 # one more run is worth it: a run costs about one lone decode every step it lasts.
 RUN_COST_TOKENS = 128
+# What a cached token a new sequence would overwrite is worth, against one it reuses: it
+# may be asked for again (the same document, the next turn of another chat), or not. At
+# zero, a 10-token chat-template prefix drew every new prompt into the same slot and a
+# 200-token prompt asked again a moment later had to be prefilled again.
+DROPPED_TOKEN_WORTH = 0.5
 
 
 @dataclass(eq=False)
@@ -489,13 +494,14 @@ def choose_slot(
     """The free slot for a new sequence, and how many of its cached tokens to reuse.
 
     Fewest runs of busy slots first (with ``keep_runs``), then the longest reusable
-    prefix, weighed one against the other by ``RUN_COST_TOKENS``; among equals the
-    emptiest cache (the least likely to be wanted later), then the lowest index.
+    prefix less what the slot's cache would lose, weighed one against the other by
+    ``RUN_COST_TOKENS`` and ``DROPPED_TOKEN_WORTH``; among equals the emptiest cache (the
+    least likely to be wanted later), then the lowest index.
     """
     busy = {slot.index for slot in slots if slot.busy}
     best: Slot | None = None
     best_reuse = 0
-    best_key: tuple[int, int, int] | None = None
+    best_key: tuple[float, int, int] | None = None
     for slot in slots:
         if slot.busy:
             continue
@@ -504,7 +510,9 @@ def choose_slot(
             # Always leave one prompt token to decode, so the first sample has fresh logits.
             reuse = max(0, min(_common_prefix(slot.cached, prompt), len(prompt) - 1))
         runs = _runs(busy | {slot.index}) if keep_runs else 0
-        key = (reuse - RUN_COST_TOKENS * runs, -len(slot.cached), -slot.index)
+        dropped = len(slot.cached) - reuse
+        worth = reuse - RUN_COST_TOKENS * runs - DROPPED_TOKEN_WORTH * dropped
+        key = (worth, -len(slot.cached), -slot.index)
         if best_key is None or key > best_key:
             best, best_reuse, best_key = slot, reuse, key
     if best is None:
