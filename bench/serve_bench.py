@@ -384,7 +384,10 @@ async def restart_time(server: Server, tries: int = 3) -> dict[str, float]:
                 async with session.get(f"http://127.0.0.1:{server.port}/readyz") as response:
                     if response.status == 200:
                         async with session.get(f"http://127.0.0.1:{server.port}/models") as m:
-                            if (await m.json())["models"][0]["engine"]["pid"] != pid:
+                            # A 200 can come before the daemon has seen the engine die;
+                            # only a new engine's pid ends the wait (None: none yet).
+                            new = (await m.json())["models"][0]["engine"]["pid"]
+                            if new is not None and new != pid:
                                 break
             times.append(time.perf_counter() - killed)
     return {"median_s": statistics.median(times), "max_s": max(times), "tries": tries}
@@ -683,6 +686,13 @@ async def main() -> int:
         help="llama.cpp's llama-server binary (default: bench/build_llama_server.sh's)",
     )
     parser.add_argument("--no-llama-server", action="store_true", help="leave llama-server out")
+    parser.add_argument(
+        "--llama-server-flash-attn",
+        choices=("off", "auto"),
+        default="off",
+        help="off (default): the kernels edge-agent runs, which keeps flash attention off "
+        "for temperature-0 determinism; auto: llama-server's own default",
+    )
     args = parser.parse_args()
     if args.no_llama_server:
         args.llama_server = None
@@ -721,7 +731,7 @@ async def main() -> int:
             LLAMA_SERVER,
             [str(args.llama_server), "--model", str(model), "--threads", str(threads),
              "--parallel", "8", "--ctx-size", str(8 * context_per_slot(args.model)),
-             "--port", "18304",
+             "--port", "18304", "--flash-attn", args.llama_server_flash_attn,
              "--host", "127.0.0.1", "--no-webui"],
             18304,
             "/v1",
