@@ -14,25 +14,15 @@ from collections.abc import Iterator
 import pytest
 
 from edge_agent.engine.backends.llamacpp_batch import StepOutput
-from edge_agent.engine.backends.llamacpp_config import CONFIGS
-from edge_agent.engine.backends.llamacpp_engine import EngineOptions, LlamaCppEngine
+from edge_agent.engine.backends.llamacpp_engine import LlamaCppEngine
 from edge_agent.engine.types import BackendError
 from edge_agent.manifest import ModelManifest
+from tests.engine.local_engine import engine_options
 
 
 @pytest.fixture(scope="module")
 def engine(manifest: ModelManifest) -> Iterator[LlamaCppEngine]:
-    engine = LlamaCppEngine(
-        EngineOptions(
-            gguf_path=manifest.gguf_path(),
-            context_length=512,
-            parallel=2,
-            threads=2,
-            n_batch=128,
-            prefix_cache=True,
-            config=CONFIGS["no_repack"],
-        )
-    )
+    engine = LlamaCppEngine(engine_options(manifest, context_length=512, parallel=2))
     engine.load()
     outputs: queue.SimpleQueue[StepOutput] = queue.SimpleQueue()
     check = engine.start(outputs.put)
@@ -78,17 +68,7 @@ def test_a_failing_call_fails_its_caller_and_not_the_loop(engine: LlamaCppEngine
 
 
 def test_a_call_after_stop_fails_at_once(manifest: ModelManifest) -> None:
-    engine = LlamaCppEngine(
-        EngineOptions(
-            gguf_path=manifest.gguf_path(),
-            context_length=256,
-            parallel=1,
-            threads=2,
-            n_batch=64,
-            prefix_cache=False,
-            config=CONFIGS["no_repack"],
-        )
-    )
+    engine = LlamaCppEngine(engine_options(manifest, context_length=256, parallel=1))
     engine.load()
     loop = engine.start_loop(lambda outputs: None)
     engine.close()

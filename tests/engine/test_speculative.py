@@ -15,8 +15,7 @@ from pydantic import ValidationError
 
 from edge_agent.config import Settings
 from edge_agent.engine.backends.llamacpp_batch import SequenceState, StepOutput
-from edge_agent.engine.backends.llamacpp_config import CONFIGS
-from edge_agent.engine.backends.llamacpp_engine import EngineOptions, LlamaCppEngine
+from edge_agent.engine.backends.llamacpp_engine import LlamaCppEngine
 from edge_agent.engine.backends.llamacpp_ngram import NgramIndex
 from edge_agent.engine.backends.llamacpp_sampling import SamplerChain, grammar_for
 from edge_agent.engine.backends.llamacpp_speculation import (
@@ -35,6 +34,7 @@ from edge_agent.engine.types import (
     TokenEvent,
 )
 from edge_agent.manifest import ModelManifest
+from tests.engine.local_engine import engine_options
 
 PARAGRAPH = (
     "The old lighthouse stood on the rocky point for more than a hundred years. Every night "
@@ -293,18 +293,7 @@ class Engine:
 
 
 def _engine(manifest: ModelManifest, speculation: SpeculationOptions) -> Iterator[Engine]:
-    engine = LlamaCppEngine(
-        EngineOptions(
-            gguf_path=manifest.gguf_path(),
-            context_length=1024,
-            parallel=4,
-            threads=2,
-            n_batch=512,
-            prefix_cache=True,
-            config=CONFIGS["no_repack"],
-            speculation=speculation,
-        )
-    )
+    engine = LlamaCppEngine(engine_options(manifest, speculation=speculation))
     engine.load()
     outputs: queue.SimpleQueue[StepOutput] = queue.SimpleQueue()
     engine.start_loop(outputs.put)
